@@ -1,0 +1,132 @@
+"""Reading and writing weights: safetensors only, loaded strictly.
+
+Formats:
+- Erased UNet: a safetensors file of UNet parameters in diffusers naming. Metadata key
+  `recare_params` = "full" (every parameter; loads with strict=True into a stock
+  UNet2DConditionModel) or "subset" (only the trained parameters; every key must exist in the
+  UNet with the same shape). A diffusers folder (`unet/diffusion_pytorch_model.safetensors`)
+  is read as "full". A released `.pt` state dict is read only with torch.load(weights_only=True)
+  (no unpickling of arbitrary objects) and can be converted once with `convert_pt_to_safetensors`.
+- Learned tokens: the layout diffusers' `load_textual_inversion` reads: {token: (dim,) tensor}.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from recare.errors import RecareError
+from recare.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def _read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "unet" / "diffusion_pytorch_model.safetensors", path / "diffusion_pytorch_model.safetensors"):
+            if candidate.is_file():
+                return load_file(candidate), {"recare_params": "full"}
+        raise RecareError(f"no diffusion_pytorch_model.safetensors in {path} or {path / 'unet'}")
+    if not path.is_file():
+        raise RecareError(f"weights file not found: {path}")
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors of many kinds; weights_only refuses arbitrary objects
+            raise RecareError(f"cannot read {path} as a plain state dict (weights_only=True): {err}") from err
+        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+            state = state["state_dict"]
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise RecareError(f"{path} does not hold a flat tensor state dict")
+        return dict(state), {"recare_params": "full"}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        return load_file(path), metadata
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RecareError(f"cannot read {path} as safetensors: {err}") from err
+
+
+def load_unet_weights(unet: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load erased-UNet weights strictly; a mismatch names the missing, unexpected or reshaped keys."""
+    state, metadata = _read_state_dict(path)
+    own = unet.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    missing = sorted(set(own) - set(state)) if metadata.get("recare_params", "full") == "full" else []
+    if unexpected or reshaped or missing:
+        parts = []
+        for label, keys in (("unexpected", unexpected), ("wrong shape", reshaped), ("missing", missing)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise RecareError(f"checkpoint {path} does not match this UNet: " + "; ".join(parts))
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor.to(own[name].dtype))
+    logger.info("loaded %d UNet tensors from %s", len(state), path)
+
+
+def save_unet_weights(unet: torch.nn.Module, path: str | os.PathLike, names: list[str] | None = None,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Save all UNet parameters (names=None) or the named subset as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    own = unet.state_dict()
+    keys = list(own) if names is None else list(names)
+    unknown = [k for k in keys if k not in own]
+    if unknown:
+        raise RecareError(f"not UNet parameters: {unknown[:3]}")
+    meta = {"recare_params": "full" if names is None else "subset", **dict(metadata or {})}
+    with atomic_path(path) as tmp:
+        save_file({k: own[k].detach().contiguous().cpu() for k in keys}, str(tmp), metadata=meta)
+
+
+def convert_pt_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Convert a released .pt UNet state dict (read with weights_only=True) to safetensors once."""
+    from safetensors.torch import save_file
+
+    state, _ = _read_state_dict(src)
+    with atomic_path(dst) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"recare_params": "full"})
+
+
+def save_learned_embeddings(embeddings: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Save {token: (dim,) embedding} in the layout diffusers' load_textual_inversion reads."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().float().reshape(-1).contiguous().cpu() for k, v in embeddings.items()}, str(tmp))
+
+
+def load_learned_embeddings(tokenizer, text_encoder, path: str | os.PathLike) -> list[str]:
+    """Add the tokens of a textual-inversion safetensors file to tokenizer and text encoder.
+
+    Raises RecareError when a token already exists or the embedding width does not match.
+    Returns the added tokens.
+    """
+    state, _ = _read_state_dict(path)
+    if not state:
+        raise RecareError(f"{path} holds no embeddings")
+    width = text_encoder.get_input_embeddings().weight.shape[1]
+    for token, vector in state.items():
+        if vector.numel() != width:
+            raise RecareError(f"embedding of {token!r} in {path} has {vector.numel()} values; "
+                              f"this text encoder needs {width}")
+        if token in tokenizer.get_vocab():
+            raise RecareError(f"token {token!r} from {path} already exists in the tokenizer")
+    tokenizer.add_tokens(list(state))
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for token, vector in state.items():
+            table[tokenizer.convert_tokens_to_ids(token)] = vector.reshape(-1).to(table.dtype)
+    logger.info("added learned tokens %s from %s", list(state), path)
+    return list(state)

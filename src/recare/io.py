@@ -1,0 +1,93 @@
+"""File helpers: atomic writes, image folders, JSON.
+
+Every output is written under a temporary name in the same folder and then renamed, so an
+interrupted or failed command never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from recare.errors import RecareError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> None:
+    """Save a PIL image atomically; the format follows the file extension."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Read JSON, raising RecareError that names the file when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecareError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecareError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The .jpg/.jpeg/.png files of `folder` in sorted file-name order (SPEC 2.2).
+
+    Raises RecareError when the folder is missing, is not a folder, or holds no image files.
+    Other files are ignored.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise RecareError(f"image folder does not exist: {folder}")
+    if not folder.is_dir():
+        raise RecareError(f"not a folder: {folder}")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise RecareError(f"no .jpg/.jpeg/.png images in {folder}")
+    return paths
+
+
+def load_image_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image fully as RGB; a corrupt or unreadable file raises RecareError naming it."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise RecareError(f"cannot read image {path}: {err}") from err

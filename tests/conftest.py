@@ -1,0 +1,53 @@
+"""Shared tiny-model fixtures. Every model here has RANDOM weights: tests check code paths,
+shapes, determinism and math, never model quality."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    """The real 49,408-entry CLIP BPE tokenizer, built offline."""
+    from recare.tokenizer import offline_clip_tokenizer
+
+    return offline_clip_tokenizer()
+
+
+@pytest.fixture
+def tiny_sd():
+    """A fresh tiny random SD (function scope: tests may modify its weights)."""
+    from recare.tiny import build_tiny_sd
+
+    return build_tiny_sd(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random SD saved as a diffusers pipeline folder (read-only for tests)."""
+    from recare.tiny import build_tiny_sd, save_sd
+
+    return save_sd(build_tiny_sd(seed=0), tmp_path_factory.mktemp("tiny-sd") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """A tiny random CLIPModel with the real tokenizer (session scope: do not modify)."""
+    from recare.tiny import build_tiny_clip
+
+    return build_tiny_clip(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tiny_clip, tmp_path_factory):
+    """The tiny CLIP saved as a folder that load_image_text_model reads."""
+    from recare.tiny import save_image_text_model
+
+    return save_image_text_model(tiny_clip, tmp_path_factory.mktemp("tiny-clip") / "clip")
