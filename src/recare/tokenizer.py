@@ -23,16 +23,17 @@ _N_MERGES = CLIP_VOCAB_SIZE - 256 * 2 - 2  # 48,894
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode character table (Radford et al. 2019)."""
+    """GPT-2's reversible byte -> printable unicode character table (Radford et al. 2019).
+
+    Insertion order matters: the printable bytes come first (in byte order), then the 68 bytes
+    remapped to chr(256 + n); CLIP's vocabulary lists the symbols in this order.
+    """
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
         range(ord("®"), ord("ÿ") + 1))
     table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return {b: table[b] for b in range(256)}
+    remapped = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + n) for n, b in enumerate(remapped)})
+    return table
 
 
 def find_bpe_file() -> Path:
