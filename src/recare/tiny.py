@@ -51,6 +51,7 @@ def build_tiny_sd(seed: int = 0, sample_size: int = 16, cross_attention_dim: int
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_clip_text_config(cross_attention_dim, 2, 4))
     scheduler = PNDMScheduler(prediction_type=prediction_type, **SD14_SCHEDULER)
+    scheduler.register_to_config(clip_sample=False)  # SD v1.4's config carries it; DDIM built from it reads it
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False).eval()
     return SDComponents(offline_clip_tokenizer(), text_encoder, vae, unet, scheduler, source="<tiny-random-sd>")
