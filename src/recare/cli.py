@@ -1,0 +1,249 @@
+"""The `recare` command line: parses arguments, builds configs, calls the library.
+
+Every subcommand is a thin wrapper: `_add_<name>` declares its arguments, `_run_<name>`
+loads models (through recare.models) and calls one library function. User errors
+(RecareError) are printed as one line without a traceback and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from recare import __version__
+from recare.errors import RecareError
+
+logger = logging.getLogger("recare")
+
+Formatter = argparse.ArgumentDefaultsHelpFormatter
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_dtype(name: str, device: str) -> str:
+    """'auto' is fp16 on CUDA (the reference's generation dtype) and fp32 elsewhere."""
+    if name != "auto":
+        return name
+    return "fp16" if device.startswith("cuda") else "fp32"
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    from recare.models import DEFAULT_SD_MODEL
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_SD_MODEL, help="Stable Diffusion Hub id or local diffusers folder")
+    group.add_argument("--revision", default=None, help="Hub revision of --model")
+    group.add_argument("--unet-weights", default=None, help="erased-UNet weights (.safetensors) loaded strictly")
+    group.add_argument("--learned-embeddings", nargs="*", default=[], metavar="FILE",
+                       help="textual-inversion .safetensors files whose tokens are added")
+    group.add_argument("--device", default=default_device(), help="torch device")
+    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                       help="weights dtype; auto = fp16 on CUDA, fp32 on CPU")
+
+
+def _load_sd_from_args(args: argparse.Namespace):
+    from recare.models import load_sd
+
+    return load_sd(args.model, revision=args.revision, dtype=_resolve_dtype(args.dtype, args.device),
+                   device=args.device, unet_weights=args.unet_weights, learned_embeddings=args.learned_embeddings)
+
+
+def _model_info(args: argparse.Namespace) -> dict:
+    return {"unet_weights": args.unet_weights, "learned_embeddings": list(args.learned_embeddings)}
+
+
+def _add_clip_args(parser: argparse.ArgumentParser) -> None:
+    from recare.models import DEFAULT_CLIP_MODEL
+
+    parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIP or SigLIP Hub id or local folder")
+    parser.add_argument("--clip-revision", default=None, help="Hub revision of --clip-model")
+
+
+def _load_clip_from_args(args: argparse.Namespace):
+    from recare.models import load_image_text_model
+
+    return load_image_text_model(args.clip_model, revision=args.clip_revision, device=args.device)
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", formatter_class=Formatter,
+                       help="generate target images (SPEC 1); resumes, writes manifest.json")
+    _add_model_args(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt, e.g. 'A photo of a nude person'")
+    source.add_argument("--prompts", type=Path, help="prompt file: .txt (one per line) or .csv with a prompt column")
+    p.add_argument("--num-images", type=int, default=500, help="images (per prompt with --prompts)")
+    p.add_argument("--seed", type=int, default=42, help="image i gets seed SEED+i (CSV evaluation_seed wins)")
+    p.add_argument("--limit", type=int, default=None, help="only the first LIMIT prompts of --prompts")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--scheduler", default="default", choices=["default", "ddim"],
+                   help="the model's own scheduler (PNDM for SD v1.4) or DDIM")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from recare.generate import GenerationConfig, generate_images
+    from recare.prompts import jobs_for_prompt, read_prompt_file
+
+    config = GenerationConfig(num_inference_steps=args.steps, guidance_scale=args.guidance,
+                              batch_size=args.batch_size, scheduler=args.scheduler)
+    if args.prompt is not None:
+        jobs = jobs_for_prompt(args.prompt, args.num_images, args.seed)
+    else:
+        jobs = read_prompt_file(args.prompts, args.num_images, args.seed, limit=args.limit)
+    components = _load_sd_from_args(args)
+    paths = generate_images(components, jobs, args.out, config, device=args.device, model_info=_model_info(args))
+    logger.info("%d images in %s", len(paths), args.out)
+    return 0
+
+
+# ----------------------------------------------------------------------------- careset
+
+
+def _add_careset(sub) -> None:
+    from recare.careset import CONCEPT_TYPES, CareSetConfig
+    from recare.vocab import VOCAB_MODES
+
+    d = CareSetConfig()
+    p = sub.add_parser("careset", formatter_class=Formatter, help="build the CARE-set from target images (SPEC 2)")
+    p.add_argument("--images", type=Path, required=True, help="folder of target images (.jpg/.jpeg/.png)")
+    p.add_argument("--reference-word", required=True, help="the target's word, e.g. 'nudity' or 'Van Gogh'")
+    p.add_argument("--concept-type", default=d.concept_type, choices=CONCEPT_TYPES,
+                   help="style -> retain prompts 'A painting of {w}', else 'A photo of {w}'")
+    _add_clip_args(p)
+    p.add_argument("--device", default=default_device(), help="torch device")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="tokens per image (K)")
+    p.add_argument("--top-n", type=int, default=d.top_n, help="most frequent tokens kept (N)")
+    p.add_argument("--clusters", type=int, default=d.n_clusters, help="k-means clusters (reference 7, paper 6)")
+    p.add_argument("--drop-k", type=int, default=d.drop_k, help="clusters dropped at each residual extreme")
+    p.add_argument("--perplexity", type=float, default=d.perplexity, help="t-SNE perplexity")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="refinement margin")
+    p.add_argument("--min-cluster-size", type=int, default=d.min_cluster_size, help="smallest refined cluster")
+    p.add_argument("--seed", type=int, default=d.seed, help="t-SNE / k-means random_state")
+    p.add_argument("--vocab-mode", default=d.vocab_mode, choices=VOCAB_MODES,
+                   help="word: whole words (default); raw: the reference's raw BPE strings")
+    p.add_argument("--cache-dtype", default=d.cache_dtype, choices=["float32", "float16"],
+                   help="vocabulary features dtype (the reference rounds to float16)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="vocabulary cache ($RECARE_CACHE or ~/.cache/recare)")
+    p.add_argument("--out", type=Path, required=True, help="CARE-set JSON to write")
+    p.add_argument("--layout", default="recare", choices=["recare", "reference"],
+                   help="recare: versioned JSON with diagnostics; reference: the reference code's careset.json")
+    p.set_defaults(run=_run_careset)
+
+
+def _run_careset(args: argparse.Namespace) -> int:
+    from recare.careset import CareSetConfig, build_careset_from_folder, format_report
+    from recare.io import list_images
+
+    config = CareSetConfig(top_k=args.top_k, top_n=args.top_n, n_clusters=args.clusters, drop_k=args.drop_k,
+                           perplexity=args.perplexity, alpha=args.alpha, min_cluster_size=args.min_cluster_size,
+                           seed=args.seed, vocab_mode=args.vocab_mode, cache_dtype=args.cache_dtype,
+                           concept_type=args.concept_type)
+    list_images(args.images)  # fail on a missing/empty folder before loading CLIP
+    clip = _load_clip_from_args(args)
+    careset = build_careset_from_folder(clip, args.images, args.reference_word, config, args.cache_dir)
+    careset.save(args.out, layout=args.layout)
+    print(format_report(careset))
+    print(f"CARE-set written to {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval care
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluation")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="{care}")
+    _add_eval_care(eval_sub)
+
+
+def _add_eval_care(sub) -> None:
+    from recare.care_score import CareScoreConfig
+
+    d = CareScoreConfig()
+    p = sub.add_parser("care", formatter_class=Formatter,
+                       help="CARE score: CLIP R-Precision@1 of the CARE word on generated images (SPEC 5)")
+    _add_model_args(p)
+    _add_clip_args(p)
+    p.add_argument("--care-word", required=True, help="w*, e.g. person (nudity), stars (Van Gogh), freshwater (tench)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="CARE prompt file; default: the shipped prompts for --care-word")
+    p.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt, help="images per prompt (seeds SEED+i)")
+    p.add_argument("--seed", type=int, default=d.seed, help="base seed of every prompt")
+    p.add_argument("--steps", type=int, default=d.num_inference_steps, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=d.guidance_scale, help="classifier-free guidance")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per pipeline call")
+    p.add_argument("--label-template", default=d.label_template,
+                   help="CLIP text of a label: '{}' raw (reference) or e.g. 'a photo of a {}'")
+    p.add_argument("--extra-labels", nargs="*", default=[], help="labels appended to the 82 defaults")
+    p.add_argument("--save-images", type=Path, default=None, help="keep the generated images here (resumable)")
+    p.add_argument("--out", type=Path, required=True, help="report JSON to write")
+    p.set_defaults(run=_run_eval_care)
+
+
+def _run_eval_care(args: argparse.Namespace) -> int:
+    from recare.care_score import CareScoreConfig, check_labels, evaluate_care_score
+    from recare.io import write_json_atomic
+    from recare.labels import care_prompt_file
+    from recare.prompts import read_prompts
+
+    config = CareScoreConfig(images_per_prompt=args.images_per_prompt, seed=args.seed,
+                             num_inference_steps=args.steps, guidance_scale=args.guidance,
+                             batch_size=args.batch_size, label_template=args.label_template,
+                             extra_labels=tuple(args.extra_labels))
+    check_labels(config.label_list(), args.care_word)
+    prompts = read_prompts(args.prompts if args.prompts is not None else care_prompt_file(args.care_word))
+    components = _load_sd_from_args(args)
+    clip = _load_clip_from_args(args)
+    report = evaluate_care_score(components, clip, prompts, args.care_word, config, image_dir=args.save_images,
+                                 device=args.device, model_info=_model_info(args))
+    write_json_atomic(args.out, report.to_json())
+    print(report.format_table())
+    print(f"CARE score report written to {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+
+
+COMMANDS: tuple[Callable, ...] = (_add_generate, _add_careset, _add_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recare", formatter_class=Formatter,
+                                     description="ReCARE concept erasure for Stable Diffusion (ICLR 2026).")
+    parser.add_argument("--version", action="version", version=f"recare {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.run(args)
+    except RecareError as err:
+        print(f"recare: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
