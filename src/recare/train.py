@@ -1,0 +1,571 @@
+"""Erasure training on Stable Diffusion: ESD, STEREO and ReCARE (SPEC 3, 4, 4b), resumable.
+
+Phases of a run (`plan_phases`):
+- ReCARE / STEREO: for each stage-1 round r = 1..n: "erase-r" (erase the current concept:
+  round 1 the target word, later rounds the previous round's learned token; the frozen teacher
+  is the model as it stands after round r-1, the student starts from the same weights, fresh
+  AdamW), then "inversion-r" (textual inversion of a new token "<recare-r>" against the erased
+  model on round r's slice of the target images). Then "stage2" from the ORIGINAL UNet with the
+  learned tokens: ReCARE's erase + CARE-retain loss, or STEREO's compositional erase with its
+  anchors and no retain loss.
+- ESD: one "esd" erase with ESD's target (Gandikota et al. 2023) and Adam.
+
+Every erase/stage-2 iteration draws a stop index i ~ U[stop_range] and fresh noise, runs a
+partial DDIM trajectory with the CURRENT student (guidance 3), and queries teacher and student at
+training_timestep(i) (the reference's timestep quirk, see recare.sampling).
+
+Speed by design (PERF.md): text embeddings are computed once per prompt; each iteration makes
+ONE no-grad teacher UNet call for all teacher predictions (uncond + erase set + anchor +
+retain) and ONE student call with gradients ([h, r] for ReCARE); the frozen teacher is not a
+second UNet but a copy of the trainable parameters' values swapped in with
+torch.func.functional_call; bf16 autocast on CUDA over float32 master weights; the VAE encodes
+each target image once per inversion (recare.inversion). A test checks that the batched
+iteration equals separate UNet calls.
+
+Randomness: one CPU torch.Generator (seed `seed`) draws everything; the reference re-seeds it at
+the start of every erase round and every inversion (`reseed_each_round`, default True), stage 2
+is not re-seeded. Its state is saved with the training state, so a resumed run is bit-identical
+to an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from recare.careset import CareSet, reference_key
+from recare.checkpoints import load_learned_embeddings, save_unet_weights
+from recare.errors import RecareError
+from recare.guidance import to_epsilon
+from recare.inversion import image_slices, train_textual_inversion
+from recare.losses import esd_target, mse, recare_erase_target, recare_loss, stage1_erase_target
+from recare.models import SDComponents
+from recare.params import set_trainable
+from recare.sampling import initial_latents, make_ddim_scheduler, sample_partial_trajectory, sample_stop_index, \
+    training_timestep
+from recare.train_config import TrainConfig
+from recare.train_report import LOSSES_CSV, LOSSES_PNG, UNET_NAME, check_output_folder, normalise, peak_memory, \
+    plot_losses, versions, write_losses_csv, write_run_json
+from recare.train_state import TrainState, check_parameters, load_optimizer_tensors, load_state, optimizer_tensors, \
+    remove_state, save_state
+
+logger = logging.getLogger(__name__)
+
+LOG_EVERY = 10  # steps between host syncs for loss logging (no per-step .item())
+
+Params = dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def balanced_schedule(items: Sequence[Any], n: int, generator: torch.Generator) -> list[Any]:
+    """n draws in which every item appears about equally often (SPEC 3 stage 2).
+
+    As the reference builds its erase/anchor/retain lists: each item repeated floor(n / len)
+    times and the whole list shuffled once, then the n mod len remaining draws taken WITHOUT
+    replacement from the items and appended unshuffled. Randomness from `generator` only.
+    """
+    if not items:
+        raise RecareError("balanced_schedule needs at least one item")
+    repeats, remainder = divmod(n, len(items))
+    base = [item for item in items for _ in range(repeats)]
+    order = torch.randperm(len(base), generator=generator).tolist()
+    extra = torch.randperm(len(items), generator=generator)[:remainder].tolist()
+    return [base[i] for i in order] + [items[i] for i in extra]
+
+
+class PromptEmbeddings:
+    """Text-encoder outputs, computed once per prompt (padded to the tokenizer's max length)."""
+
+    def __init__(self, tokenizer, text_encoder, device: torch.device):
+        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), L, D) float32 embeddings on the device."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", truncation=True, return_tensors="pt",
+                                 max_length=self.tokenizer.model_max_length).input_ids.to(self.device)
+            hidden = self.text_encoder(ids)[0].float()  # (n, L, D)
+            self._cache.update(zip(missing, hidden.split(1)))
+        return torch.cat([self._cache[p] for p in prompts])
+
+
+def autocast_context(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA for 'auto'/'bf16', nothing for 'no' or on the CPU ('bf16' there: error)."""
+    if mode == "no" or (mode == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        raise RecareError(f"mixed_precision={mode!r} needs a CUDA device, got {device}")
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def draw_start(generator: torch.Generator, unet, ddim, config: TrainConfig) -> tuple[int, torch.Tensor]:
+    """The random inputs of one iteration: a stop index i ~ U[stop_range] and fresh noise (1, C, H, W)."""
+    stop = sample_stop_index(generator, *config.stop_range)
+    return stop, initial_latents(unet, ddim, 1, generator)
+
+
+def teacher_epsilon(unet, teacher: Params, scheduler, z: torch.Tensor, t: torch.Tensor,
+                    emb: torch.Tensor) -> torch.Tensor:
+    """eps*(z, t, p) for every prompt embedding in `emb` (n, L, D): ONE no-grad UNet call.
+
+    The teacher is `unet` with the values `teacher` swapped in for its trainable parameters.
+    Returns (n, C, H, W) float32 epsilon predictions.
+    """
+    latents = z.expand(emb.shape[0], -1, -1, -1)  # (n, C, H, W)
+    with torch.no_grad():
+        out = functional_call(unet, teacher, (scheduler.scale_model_input(latents, t), t),
+                              {"encoder_hidden_states": emb}).sample
+    return to_epsilon(out, latents, t, scheduler).float()
+
+
+def student_epsilon(unet, scheduler, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """eps_theta(z, t, p) for every prompt embedding in `emb`, with gradients: one UNet call."""
+    latents = z.expand(emb.shape[0], -1, -1, -1)
+    out = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=emb).sample
+    return to_epsilon(out, latents, t, scheduler)
+
+
+def stage1_loss(unet, teacher: Params, scheduler, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                uncond: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """MSE(eps_theta(z, c), target) with the stage-1 target (SPEC 3a) or, for ESD, ESD's (SPEC 4b).
+
+    ReCARE/STEREO: normalized_guidance(eps*(z,c), eps*(z,""), s); ESD: eps*_c - s (eps*_c - eps*_u).
+    cond/uncond: (1, L, D).
+    """
+    eps = teacher_epsilon(unet, teacher, scheduler, z, t, torch.cat([uncond, cond]))
+    eps_uncond, eps_concept = eps[:1], eps[1:]
+    if config.method == "esd":
+        target = esd_target(eps_concept, eps_concept, eps_uncond, config.negative_guidance)
+    else:
+        target = stage1_erase_target(eps_concept, eps_uncond, config.negative_guidance, config.eta)
+    return mse(student_epsilon(unet, scheduler, z, t, cond), target)
+
+
+@dataclass(frozen=True)
+class Stage2Rows:
+    """Rows of the prompt-embedding table used by one stage-2 iteration."""
+
+    uncond: int
+    """Row of ""."""
+    erase_set: tuple[int, ...]
+    """Rows of H = [target] + learned tokens."""
+    concept: int
+    """Row of this iteration's erase concept h (one of erase_set)."""
+    anchor: int
+    """Row of the anchor a."""
+    retain: int | None
+    """Row of the retain prompt r; None for STEREO (no retain loss)."""
+
+
+def stage2_loss(unet, teacher: Params, scheduler, z: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                rows: Stage2Rows, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """L = MSE(eps_theta(z,h), E) + lambda MSE(eps_theta(z,r), eps*(z,r)) (SPEC 3 stage 2).
+
+    E = recare_erase_target({eps*(z,h')}_H, eps*(z,a), eps*(z,"")). One teacher call on
+    ["", H..., a, r] and one student call on [h, r]. Without a retain row (STEREO) L = L_erase.
+
+    Returns:
+        (total, erase, retain or None) scalar tensors.
+    """
+    retain = [] if rows.retain is None else [rows.retain]
+    eps = teacher_epsilon(unet, teacher, scheduler, z, t, table[[rows.uncond, *rows.erase_set, rows.anchor, *retain]])
+    n_erase = len(rows.erase_set)
+    eps_erase, eps_anchor = eps[1:1 + n_erase], eps[1 + n_erase:2 + n_erase]
+    target = recare_erase_target(list(eps_erase.split(1)), eps_anchor, eps[:1], config.stage2_guidance, config.eta)
+    pred = student_epsilon(unet, scheduler, z, t, table[[rows.concept, *retain]])
+    if rows.retain is None:
+        erase = mse(pred, target)
+        return erase, erase, None
+    return recare_loss(pred[:1], target, pred[1:], eps[-1:], config.retain_weight)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of a run: kind 'esd', 'erase', 'inversion' or 'stage2'."""
+
+    kind: str
+    round: int
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.kind in ("esd", "stage2") else f"{self.kind}-{self.round}"
+
+
+def plan_phases(config: TrainConfig) -> list[Phase]:
+    """The phases of a run (module docstring)."""
+    if config.method == "esd":
+        return [Phase("esd", 1, config.erase_iterations)]
+    stage1 = [Phase(kind, r, config.erase_iterations if kind == "erase" else config.inversion.steps)
+              for r in range(1, config.rounds + 1) for kind in ("erase", "inversion")]
+    return stage1 + [Phase("stage2", 0, config.stage2_iterations)]
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns."""
+
+    out_dir: Path
+    """The output folder."""
+    complete: bool
+    """False when the run stopped early (stop_after) and can be resumed."""
+    learned_tokens: list[str]
+    """Placeholder tokens learned so far."""
+    losses: list[list[Any]]
+    """Loss rows [stage, round, step, loss, erase, retain]."""
+    timings: dict[str, float]
+    """Seconds per phase."""
+
+
+class _Stop(Exception):
+    """Raised inside a phase when this invocation's step budget is used up (state is saved)."""
+
+
+class Trainer:
+    """Runs the phases of one training run over a live UNet; state in a TrainState."""
+
+    def __init__(self, components: SDComponents, config: TrainConfig, out_dir: Path, device: torch.device,
+                 careset: CareSet | None, images: Sequence[str | os.PathLike], identity: dict,
+                 info: dict, progress: bool = True):
+        self.components, self.config, self.out_dir, self.device = components, config, out_dir, device
+        self.careset, self.identity, self.info, self.progress = careset, identity, info, progress
+        self.unet = components.unet
+        self.slices = image_slices(list(images), config.rounds) if config.method != "esd" else []
+        self.trainable = dict(set_trainable(self.unet, config.train_method))
+        self.original = {name: p.detach().clone() for name, p in self.trainable.items()}
+        self.ddim = make_ddim_scheduler(components.scheduler, config.ddim_steps)
+        self.timesteps = {i: torch.tensor(training_timestep(self.ddim, i, config.ddim_steps), device=device)
+                          for i in range(config.stop_range[0], config.stop_range[1] + 1)}
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.embeddings = PromptEmbeddings(components.tokenizer, components.text_encoder, device)
+        self.phases = plan_phases(config)
+        self.state = TrainState(identity=identity)
+        self.budget: int | None = None
+        self._pending: list[tuple] = []
+        self._clock = time.perf_counter()
+
+    # --- state
+
+    def restore(self, state: TrainState) -> None:
+        """Continue from a saved state: parameters, learned tokens and generator (others per phase)."""
+        if normalise(state.identity) != normalise(self.identity):
+            raise RecareError(f"the training state in {self.out_dir} belongs to another run")
+        check_parameters(state.group("param"), self.trainable, f"training state in {self.out_dir}")
+        embeds = state.group("embed")
+        for k, token in enumerate(state.learned_tokens, start=1):
+            path = self.out_dir / f"learned_embeds-{k}.safetensors"
+            load_learned_embeddings(self.components.tokenizer, self.components.text_encoder, path)
+            row = self.components.text_encoder.get_input_embeddings().weight[
+                self.components.tokenizer.convert_tokens_to_ids(token)]
+            if token not in embeds or not torch.equal(row.detach().float().cpu(), embeds[token]):
+                raise RecareError(f"{path} does not hold the embedding of {token!r} saved in the training state")
+        self._copy_into_trainable(state.group("param"))
+        self.generator.set_state(state.tensors["rng.main"])
+        self.state = state
+        logger.info("resuming at %s step %d", self.phases[state.phase].name if state.phase < len(self.phases)
+                    else "the end", state.step)
+
+    def checkpoint(self, optimizer: torch.optim.Optimizer | None = None, teacher: Params | None = None) -> None:
+        """Flush losses and timings and save the state (with optimizer/teacher when mid-phase)."""
+        self._flush()
+        self.state.set_group("param", self.trainable)
+        self.state.set_group("teacher", teacher or {})
+        self.state.set_group("optim", optimizer_tensors(optimizer, list(self.trainable)) if optimizer else {})
+        self.state.tensors["rng.main"] = self.generator.get_state()
+        save_state(self.state, self.out_dir)
+
+    def _copy_into_trainable(self, values: Params) -> None:
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(values[name])
+
+    def _flush(self) -> None:
+        """Move pending loss tensors to the host (one sync), check them, and book the elapsed time."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self._pending:
+            values = iter(torch.stack([v for row in self._pending for v in row[3:] if v is not None]).cpu().tolist())
+            for row in self._pending:
+                numbers = [None if v is None else next(values) for v in row[3:]]
+                if not math.isfinite(numbers[0]):
+                    raise RecareError(f"{row[0]} loss is {numbers[0]} at round {row[1]} step {row[2]}")
+                self.state.losses.append([*row[:3], *numbers])
+            self._pending = []
+        now = time.perf_counter()
+        if self.state.phase < len(self.phases):
+            name = self.phases[self.state.phase].name
+            self.state.timings[name] = self.state.timings.get(name, 0.0) + now - self._clock
+        self._clock = now
+
+    # --- loop
+
+    def run(self, budget: int | None = None) -> bool:
+        """Run the remaining phases; False when `budget` erase/stage-2 steps ran out first.
+
+        Timings include the checkpoint writes.
+        """
+        self.budget = budget
+        self._clock = time.perf_counter()
+        runners = {"esd": self._erase, "erase": self._erase, "inversion": self._inversion, "stage2": self._stage2}
+        try:
+            while self.state.phase < len(self.phases):
+                phase = self.phases[self.state.phase]
+                if self.budget is not None and self.budget <= 0:
+                    raise _Stop
+                runners[phase.kind](phase)
+                self._flush()
+                self.state.phase, self.state.step = self.state.phase + 1, 0
+                if self.state.phase < len(self.phases):
+                    self.checkpoint()
+        except _Stop:
+            return False
+        self._flush()
+        return True
+
+    def _steps(self, phase: Phase, optimizer: torch.optim.Optimizer, teacher: Params | None) -> Iterator[int]:
+        """Step indices of `phase` from the saved position; periodic checkpoints and the step budget."""
+        every = self.config.checkpoint_every
+        with tqdm(total=phase.steps, initial=self.state.step, desc=phase.name, disable=not self.progress) as bar:
+            for step in range(self.state.step, phase.steps):
+                yield step
+                self.state.step = step + 1
+                bar.update()
+                if self.budget is not None:
+                    self.budget -= 1
+                if self._pending and self.state.step % LOG_EVERY == 0:
+                    bar.set_postfix(loss=f"{self._pending[-1][3].item():.4g}", refresh=False)
+                if self.state.step == phase.steps:
+                    break  # run() checkpoints between phases
+                out_of_budget = self.budget == 0
+                if out_of_budget or (every and self.state.step % every == 0):
+                    self.checkpoint(optimizer, teacher)
+                if out_of_budget:
+                    raise _Stop
+
+    def _optimizer(self, kind: str, lr: float) -> torch.optim.Optimizer:
+        cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        optimizer = cls(list(self.trainable.values()), lr=lr, **fused)
+        if self.state.step > 0:
+            load_optimizer_tensors(optimizer, list(self.trainable), self.state.group("optim"))
+        return optimizer
+
+    def _update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def _erase(self, phase: Phase) -> None:
+        """Stage-1 erase round (SPEC 3a) or the ESD erase (SPEC 4b)."""
+        config = self.config
+        if self.state.step == 0 and config.reseed_each_round:
+            self.generator.manual_seed(config.seed)
+        concept = config.concept if phase.round == 1 else self.state.learned_tokens[phase.round - 2]
+        teacher = self.original if phase.round == 1 else self._round_teacher()
+        emb = self.embeddings([concept, ""])
+        optimizer = self._optimizer(config.effective_erase_optimizer, config.effective_erase_lr)
+        stage = "esd" if phase.kind == "esd" else "erase"
+        for step in self._steps(phase, optimizer, None if phase.round == 1 else teacher):
+            stop, noise = draw_start(self.generator, self.unet, self.ddim, config)
+            with autocast_context(config.mixed_precision, self.device):
+                z = sample_partial_trajectory(self.unet, self.ddim, emb[:1], emb[1:], stop, config.trajectory_guidance,
+                                              latents=noise, num_steps=config.ddim_steps)
+                loss = stage1_loss(self.unet, teacher, self.ddim, z, self.timesteps[stop], emb[:1], emb[1:], config)
+            self._update(optimizer, loss)
+            self._pending.append((stage, phase.round, step + 1, loss.detach(), None, None))
+
+    def _round_teacher(self) -> Params:
+        """The frozen model of round r >= 2: the weights after round r-1 (saved in the state mid-round)."""
+        saved = self.state.group("teacher")
+        if self.state.step > 0:
+            check_parameters(saved, self.trainable, f"teacher in the training state of {self.out_dir}")
+            return {k: v.to(self.device) for k, v in saved.items()}
+        return {name: p.detach().clone() for name, p in self.trainable.items()}
+
+    def _inversion(self, phase: Phase) -> None:
+        """Textual inversion of round r's token against the erased UNet (SPEC 3b)."""
+        config = self.config
+        if config.reseed_each_round:
+            self.generator.manual_seed(config.seed)
+        token = config.placeholder(phase.round)
+        learned = train_textual_inversion(self.components, self.slices[phase.round - 1], token, config.initializer,
+                                          config.inversion, self.generator, device=self.device, unet=self.unet,
+                                          progress=self.progress)
+        learned.save(self.out_dir / f"learned_embeds-{phase.round}.safetensors", config.inversion)
+        self.state.learned_tokens.append(token)
+        self.state.set_group("embed", {**self.state.group("embed"), token: learned.embedding})
+        self.state.losses.extend(["inversion", phase.round, i + 1, loss, None, None]
+                                 for i, loss in enumerate(learned.losses))
+
+    def _stage2_prompts(self) -> tuple[list[str], list[str], list[str]]:
+        """(erase set H, anchors, retain prompts) of stage 2; no retain prompts for STEREO."""
+        config = self.config
+        erase = [config.concept, *self.state.learned_tokens[:config.erase_set_tokens]]
+        if config.method == "stereo":
+            return erase, list(config.anchors), []
+        return erase, list(self.careset.anchors), list(self.careset.retain_prompts)
+
+    def _stage2(self, phase: Phase) -> None:
+        """ReCARE stage 2 (SPEC 3) or STEREO's compositional erase (SPEC 4b), from the original UNet."""
+        config = self.config
+        erase, anchors, retain = self._stage2_prompts()
+        if self.state.step == 0:
+            self._copy_into_trainable(self.original)
+            self.state.schedules = {name: balanced_schedule(list(range(len(items))), phase.steps, self.generator)
+                                    for name, items in (("erase", erase), ("anchor", anchors), ("retain", retain))
+                                    if items}
+        prompts = list(dict.fromkeys(["", *erase, *anchors, *retain]))
+        row = {p: i for i, p in enumerate(prompts)}
+        table = self.embeddings(prompts)  # (P, L, D)
+        erase_rows = tuple(row[p] for p in erase)
+        optimizer = self._optimizer("adamw", config.stage2_lr)
+        sched = self.state.schedules
+        for step in self._steps(phase, optimizer, None):
+            rows = Stage2Rows(row[""], erase_rows, erase_rows[sched["erase"][step]], row[anchors[sched["anchor"][step]]],
+                              row[retain[sched["retain"][step]]] if retain else None)
+            stop, noise = draw_start(self.generator, self.unet, self.ddim, config)
+            with autocast_context(config.mixed_precision, self.device):
+                z = sample_partial_trajectory(self.unet, self.ddim, table[[rows.concept]], table[[rows.uncond]], stop,
+                                              config.trajectory_guidance, latents=noise, num_steps=config.ddim_steps)
+                total, erase_loss, retain_loss = stage2_loss(self.unet, self.original, self.ddim, z,
+                                                             self.timesteps[stop], table, rows, config)
+            self._update(optimizer, total)
+            self._pending.append(("stage2", 0, step + 1, total.detach(), erase_loss.detach(),
+                                  None if retain_loss is None else retain_loss.detach()))
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def check_inputs(components: SDComponents, config: TrainConfig, careset: CareSet | None) -> None:
+    """Bad input before anything is written: CARE-set vs concept, initializer, placeholders."""
+    if config.method == "recare":
+        if careset is None:
+            raise RecareError("ReCARE training needs a CARE-set (anchors and retain prompts)")
+        if reference_key(careset.reference_word) != reference_key(config.concept):
+            raise RecareError(f"the CARE-set is for {careset.reference_word!r}, not the concept {config.concept!r}")
+        if not careset.anchors or not careset.retain_prompts:
+            raise RecareError("the CARE-set has no anchors or no retain prompts")
+    if config.method == "esd":
+        return
+    tokenizer = components.tokenizer
+    vocab = tokenizer.get_vocab()
+    for k in range(1, config.rounds + 1):
+        if config.placeholder(k) in vocab:
+            raise RecareError(f"placeholder {config.placeholder(k)!r} already exists in the tokenizer; "
+                              "set placeholder_template to a new name")
+    if config.inversion.initializer_mode == "word":
+        ids = tokenizer.encode(config.initializer, add_special_tokens=False)
+        if len(ids) != 1:
+            raise RecareError(f"initializer {config.initializer!r} is {len(ids)} tokens "
+                              f"{tokenizer.convert_ids_to_tokens(ids)}, not one whole word")
+    elif tokenizer.convert_tokens_to_ids(config.initializer) in (None, tokenizer.unk_token_id):
+        raise RecareError(f"initializer {config.initializer!r} is not an entry of the tokenizer vocabulary")
+
+
+def run_identity(components: SDComponents, config: TrainConfig, careset: CareSet | None,
+                 images: Sequence[str | os.PathLike], unet_weights: str | None = None) -> dict[str, Any]:
+    """What makes two runs the same run: the config and the inputs (not paths of moved files)."""
+    careset_digest = None
+    if careset is not None and config.method == "recare":
+        blob = json.dumps([careset.reference_word, careset.anchors, careset.retain_prompts]).encode()
+        careset_digest = hashlib.sha256(blob).hexdigest()
+    return {"config": config.to_dict(), "model": components.source, "revision": components.revision,
+            "unet_weights": unet_weights, "careset_sha256": careset_digest,
+            "images": sorted(Path(p).name for p in images) if config.method != "esd" else []}
+
+
+def train(components: SDComponents, config: TrainConfig, out_dir: str | os.PathLike, *,
+          careset: CareSet | None = None, images: Sequence[str | os.PathLike] = (),
+          device: str | torch.device | None = None, resume: bool = False, overwrite: bool = False,
+          stop_after: int | None = None, info: dict[str, Any] | None = None, unet_weights: str | None = None,
+          progress: bool = True) -> TrainResult:
+    """Erase `config.concept` from `components` (modified in place) and write the outputs to `out_dir`.
+
+    Args:
+        components: SD components in float32 on `device` (the UNet is trained in place; the
+            tokenizer and text encoder get the learned tokens).
+        config: TrainConfig.
+        out_dir: output folder: unet.safetensors, learned_embeds-k.safetensors, run.json,
+            losses.csv, losses.png, and train_state.safetensors while the run is unfinished.
+        careset: the CARE-set (ReCARE; its reference word must match the concept).
+        images: target images for textual inversion (ReCARE/STEREO), split into one slice per round.
+        device: where training runs (default: the UNet's device).
+        resume: continue the run saved in out_dir (a finished run is left as it is).
+        overwrite: replace outputs of another run in out_dir.
+        stop_after: stop (resumably) after this many erase/stage-2 steps in this call.
+        info: extra facts recorded in run.json (e.g. file paths); not part of the run identity.
+        unet_weights: the UNet weights file loaded into components, recorded in the identity.
+        progress: tqdm bars.
+    """
+    out_dir = Path(out_dir)
+    device = torch.device(device) if device is not None else components.unet.device
+    check_inputs(components, config, careset)
+    autocast_context(config.mixed_precision, device)  # validates the mode for the device
+    identity = run_identity(components, config, careset, images, unet_weights)
+    trainer = Trainer(components, config, out_dir, device, careset, images, identity, info or {}, progress)
+    decision = check_output_folder(out_dir, identity, resume, overwrite)
+    if decision == "complete":
+        logger.info("%s already holds this finished run; nothing to do", out_dir)
+        return TrainResult(out_dir, True, [], [], {})
+    state = load_state(out_dir) if decision == "resume" else None
+    if state is not None:
+        trainer.restore(state)
+    elif decision == "resume":
+        logger.info("no training state in %s: starting from the beginning", out_dir)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _write_record(trainer, "running")
+    complete = trainer.run(stop_after)
+    if complete:
+        _write_outputs(trainer)
+    _write_record(trainer, "complete" if complete else "stopped")
+    if complete:
+        remove_state(out_dir)
+    state = trainer.state
+    return TrainResult(out_dir, complete, list(state.learned_tokens), state.losses, dict(state.timings))
+
+
+def _write_outputs(trainer: Trainer) -> None:
+    config = trainer.config
+    save_unet_weights(trainer.unet, trainer.out_dir / UNET_NAME,
+                      metadata={"recare_method": config.method, "recare_concept": config.concept})
+    write_losses_csv(trainer.out_dir / LOSSES_CSV, trainer.state.losses)
+    plot_losses(trainer.out_dir / LOSSES_PNG, trainer.state.losses, f"{config.method}: {config.concept}")
+
+
+def _write_record(trainer: Trainer, status: str) -> None:
+    state, config = trainer.state, trainer.config
+    outputs = [UNET_NAME, LOSSES_CSV, LOSSES_PNG] if status == "complete" else []
+    outputs += [f"learned_embeds-{k}.safetensors" for k in range(1, len(state.learned_tokens) + 1)]
+    write_run_json(trainer.out_dir, {
+        "status": status, "identity": trainer.identity, "info": trainer.info,
+        "seeds": {"seed": config.seed, "reseed_each_round": config.reseed_each_round},
+        "versions": versions(), "device": str(trainer.device),
+        "position": {"phase": state.phase, "step": state.step, "phases": [p.name for p in trainer.phases]},
+        "timings_s": {**state.timings, "total": sum(state.timings.values())},
+        "peak_memory": peak_memory(trainer.device), "learned_tokens": state.learned_tokens,
+        "trainable": {"mode": config.train_method, "tensors": len(trainer.trainable),
+                      "parameters": sum(p.numel() for p in trainer.trainable.values())},
+        "outputs": outputs,
+    })
