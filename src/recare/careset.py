@@ -434,8 +434,12 @@ class CareSet:
 
     @classmethod
     def from_words(cls, reference_word: str, words: Sequence[str], concept_type: str = "object",
-                   anchor_template: str = ANCHOR_TEMPLATE, retain_template: str | None = None, **extra: Any) -> "CareSet":
-        """A CareSet whose prompts are the templates filled with `words` (non-empty)."""
+                   anchor_template: str = ANCHOR_TEMPLATE, retain_template: str | None = None,
+                   **extra: Any) -> "CareSet":
+        """A CareSet whose prompts are the templates filled with `words` (non-empty).
+
+        extra: clip_model, config and diagnostics, when known.
+        """
         if not reference_word.strip():
             raise RecareError("empty reference word")
         _string_list(list(words), "words")
@@ -468,7 +472,8 @@ class CareSet:
         if not key:
             raise RecareError(f"reference word {self.reference_word!r} has no [a-z0-9_-] characters "
                               "to name the reference layout's keys")
-        return {f"{key}_care_word": list(self.anchors), f"{key}_care_word_{self.retain_kind}": list(self.retain_prompts)}
+        return {f"{key}_care_word": list(self.anchors),
+                f"{key}_care_word_{self.retain_kind}": list(self.retain_prompts)}
 
     def to_reference_json(self) -> str:
         return json.dumps(self.to_reference_dict(), indent=2, ensure_ascii=False) + "\n"

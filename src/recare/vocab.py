@@ -119,7 +119,7 @@ def token_lengths(clip: ImageTextModel, texts: Sequence[str]) -> list[int]:
     return [len(row) for row in ids]
 
 
-def encode_texts_by_length(clip: ImageTextModel, texts: Sequence[str], batch_size: int = 256,
+def encode_texts_by_length(clip: ImageTextModel, texts: Sequence[str], batch_size: int = 1024,
                            padding: str = "auto", progress: bool = False,
                            desc: str = "Encoding vocabulary") -> torch.Tensor:
     """clip.encode_text over texts batched in token-length order; rows come back in input order.
