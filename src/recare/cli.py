@@ -216,10 +216,230 @@ def _run_eval_care(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train
+
+
+# CLI flag -> TrainConfig field ("inversion.x" for InversionConfig fields); None = not given.
+_TRAIN_OVERRIDES = {
+    "method": "method", "concept": "concept", "train_method": "train_method", "rounds": "rounds",
+    "erase_iterations": "erase_iterations", "erase_lr": "erase_lr", "initializer": "initializer",
+    "inversion_steps": "inversion.steps", "inversion_resolution": "inversion.resolution",
+    "inversion_templates": "inversion.templates", "stage2_iterations": "stage2_iterations",
+    "stage2_lr": "stage2_lr", "retain_weight": "retain_weight", "stereo_anchors": "stereo_anchors",
+    "ddim_steps": "ddim_steps", "stop_range": "stop_range", "seed": "seed",
+    "mixed_precision": "mixed_precision", "checkpoint_every": "checkpoint_every",
+}
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """Output-folder flags shared by `train` and `run`."""
+    p.add_argument("--resume", action="store_true", help="continue the run saved in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in the folder")
+    p.add_argument("--max-steps-this-run", type=int, default=None,
+                   help="stop (resumably) after this many erase/stage-2 steps")
+    p.add_argument("--device", default=default_device(), help="torch device")
+
+
+def _add_train(sub) -> None:
+    from recare.params import TRAIN_MODES
+    from recare.train_config import METHODS, MIXED_PRECISION
+
+    p = sub.add_parser("train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="erase a concept: ESD, STEREO or ReCARE (SPEC 3, 4b)",
+                       description="Settings: TrainConfig defaults (reference values), then --config FILE.toml "
+                                   "([concept], [train], [train.<method>]), then the flags given here.")
+    p.add_argument("--method", choices=METHODS, default=None, help="erasure method (default: config, else recare)")
+    p.add_argument("--model", default=None, help="Stable Diffusion Hub id or local diffusers folder "
+                                                 "(default: [model] source of --config, else SD v1.4)")
+    p.add_argument("--revision", default=None, help="Hub revision of --model")
+    p.add_argument("--unet-weights", default=None, help="start from these UNet weights (.safetensors, strict)")
+    p.add_argument("--concept", default=None, help="target word, e.g. nudity, 'Van Gogh', tench")
+    p.add_argument("--careset", type=Path, default=None, help="CARE-set JSON (ReCARE)")
+    p.add_argument("--images", type=Path, default=None, help="target images for textual inversion (ReCARE, STEREO)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--config", type=Path, default=None, help="TOML config (see recare/configs/*.toml)")
+    _add_train_options(p)
+    g = p.add_argument_group("overrides (default: config file, else the reference value)")
+    g.add_argument("--train-method", choices=TRAIN_MODES, default=None, help="UNet parameters trained (noxattn)")
+    g.add_argument("--rounds", type=int, default=None, help="stage-1 rounds (2)")
+    g.add_argument("--erase-iterations", type=int, default=None, help="iterations per erase round (200)")
+    g.add_argument("--erase-lr", type=float, default=None, help="erase lr (ReCARE/STEREO 0.5e-5, ESD 5e-5)")
+    g.add_argument("--initializer", default=None, help="initializer word of the learned tokens (person)")
+    g.add_argument("--inversion-steps", type=int, default=None, help="textual-inversion steps (3000)")
+    g.add_argument("--inversion-resolution", type=int, default=None, help="textual-inversion image size (512)")
+    g.add_argument("--inversion-templates", choices=["object", "style"], default=None, help="prompt templates")
+    g.add_argument("--stage2-iterations", type=int, default=None, help="stage-2 iterations (200)")
+    g.add_argument("--stage2-lr", type=float, default=None, help="stage-2 lr (2e-5)")
+    g.add_argument("--retain-weight", type=float, default=None, help="lambda of the retain loss (1)")
+    g.add_argument("--stereo-anchors", nargs="+", default=None, help="STEREO anchor prompts")
+    g.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps of the trajectory (50)")
+    g.add_argument("--stop-range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="stop-index range (1 48)")
+    g.add_argument("--seed", type=int, default=None, help="seed (42)")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=None, help="auto: bf16 on CUDA")
+    g.add_argument("--checkpoint-every", type=int, default=None, help="save the state every K steps (50)")
+    p.set_defaults(run=_run_train)
+
+
+def _train_config_from_args(args: argparse.Namespace, toml: dict | None):
+    """TrainConfig: defaults < TOML [concept]/[train]/[train.<method>] < flags."""
+    from recare.train_config import config_from_tables
+
+    overrides: dict = {}
+    for flag, field in _TRAIN_OVERRIDES.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            head, _, tail = field.partition(".")
+            if tail:
+                overrides.setdefault(head, {})[tail] = value
+            else:
+                overrides[head] = value
+    return config_from_tables(toml or {}, overrides)
+
+
+def _train_inputs(config, careset_path: Path | None, images: Path | None):
+    """The CARE-set (ReCARE) and target images (ReCARE/STEREO) the method needs, checked."""
+    from recare.careset import CareSet
+    from recare.io import list_images
+
+    careset = None
+    if config.method == "recare":
+        if careset_path is None:
+            raise RecareError("ReCARE needs --careset (the CARE-set JSON)")
+        careset = CareSet.load(careset_path, reference_word=config.concept)
+    paths = []
+    if config.method != "esd":
+        if images is None:
+            raise RecareError(f"{config.method} needs --images (target images for textual inversion)")
+        paths = list_images(images)
+    return careset, paths
+
+
+def _train_and_report(args, config, components, careset, images, info: dict) -> int:
+    from recare.train import train
+
+    result = train(components, config, args.out, careset=careset, images=images, device=args.device,
+                   resume=args.resume, overwrite=args.overwrite, stop_after=args.max_steps_this_run, info=info,
+                   unet_weights=getattr(args, "unet_weights", None))
+    if not result.complete:
+        print(f"stopped early; continue with --resume. State in {args.out}")
+        return 0
+    print(f"{config.method} training of {config.concept!r} complete: outputs in {args.out}")
+    for name, seconds in result.timings.items():
+        print(f"  {name:<12} {seconds:9.1f} s")
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from recare.models import DEFAULT_SD_MODEL, load_sd
+    from recare.train_config import read_toml
+
+    toml = read_toml(args.config) if args.config is not None else None
+    config = _train_config_from_args(args, toml)
+    careset, images = _train_inputs(config, args.careset, args.images)
+    model = args.model or (toml or {}).get("model", {}).get("source", DEFAULT_SD_MODEL)
+    components = load_sd(model, revision=args.revision, dtype="fp32", device=args.device,
+                         unet_weights=args.unet_weights)
+    info = {"model": model, "careset": str(args.careset) if careset else None,
+            "images": str(args.images) if images else None, "config_file": str(args.config) if args.config else None}
+    return _train_and_report(args, config, components, careset, images, info)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", formatter_class=Formatter,
+                       help="target images -> CARE-set -> training, from one TOML file (recare/configs/*.toml)")
+    p.add_argument("config", type=Path, help="TOML config: [concept], [model], [generate], [careset], [train]")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run folder (images/, careset.json, <method>/); default: [run] out of the config")
+    p.add_argument("--method", choices=["esd", "stereo", "recare"], default=None, help="override [train] method")
+    _add_train_options(p)
+    p.set_defaults(run=_run_run)
+
+
+def _table(toml: dict, name: str) -> dict:
+    table = toml.get(name, {})
+    if not isinstance(table, dict):
+        raise RecareError(f"[{name}] must be a table")
+    return dict(table)
+
+
+def _run_generate_step(toml: dict, model: dict, folder: Path, device: str) -> list[Path]:
+    from recare.generate import GenerationConfig, generate_images
+    from recare.models import load_sd
+    from recare.prompts import jobs_for_prompt
+
+    settings = _table(toml, "generate")
+    prompt = _table(toml, "concept").get("prompt")
+    if not prompt:
+        raise RecareError("[concept] prompt is needed to generate the target images")
+    jobs = jobs_for_prompt(prompt, settings.pop("num_images", 500), settings.pop("seed", 42))
+    try:
+        config = GenerationConfig(**settings)
+    except TypeError as err:
+        raise RecareError(f"[generate]: {err}") from err
+    components = load_sd(model["source"], revision=model.get("revision"), dtype=_resolve_dtype("auto", device),
+                         device=device)
+    paths = generate_images(components, jobs, folder, config, device=device)
+    del components
+    return paths
+
+
+def _run_careset_step(toml: dict, images: Path, path: Path, device: str):
+    from recare.careset import CareSet, CareSetConfig, build_careset_from_folder
+    from recare.models import load_image_text_model
+
+    concept = _table(toml, "concept")
+    if path.is_file():
+        logger.info("reusing the CARE-set %s", path)
+        return CareSet.load(path, reference_word=concept["word"])
+    settings = _table(toml, "careset")
+    clip_model = settings.pop("clip_model", "openai/clip-vit-base-patch32")
+    clip_revision = settings.pop("clip_revision", None)
+    cache_dir = settings.pop("cache_dir", None)
+    settings.setdefault("concept_type", concept.get("type", "object"))
+    clip = load_image_text_model(clip_model, revision=clip_revision, device=device)
+    careset = build_careset_from_folder(clip, images, concept["word"], CareSetConfig.from_dict(settings), cache_dir)
+    careset.save(path)
+    return careset
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from recare.models import load_sd
+    from recare.train_config import read_toml
+
+    toml = read_toml(args.config)
+    unknown = sorted(set(toml) - {"concept", "model", "generate", "careset", "train", "run"})
+    if unknown:
+        raise RecareError(f"{args.config}: unknown tables {unknown}")
+    if "word" not in _table(toml, "concept"):
+        raise RecareError(f"{args.config}: [concept] word is missing")
+    config = _train_config_from_args(args, toml)
+    root = args.out or _table(toml, "run").get("out")
+    if root is None:
+        raise RecareError("no run folder: give --out or [run] out in the config")
+    root = Path(root)
+    model = {"source": "CompVis/stable-diffusion-v1-4", **_table(toml, "model")}
+    images: list[Path] = []
+    careset = None
+    if config.method != "esd":
+        images = _run_generate_step(toml, model, root / "images", args.device)
+    if config.method == "recare":
+        careset = _run_careset_step(toml, root / "images", root / "careset.json", args.device)
+    components = load_sd(model["source"], revision=model.get("revision"), dtype="fp32", device=args.device)
+    args.out = root / config.method
+    info = {"model": model["source"], "config_file": str(args.config), "careset": str(root / "careset.json")
+            if careset else None, "images": str(root / "images") if images else None}
+    return _train_and_report(args, config, components, careset, images, info)
+
+
+
 # ----------------------------------------------------------------------------- main
 
 
-COMMANDS: tuple[Callable, ...] = (_add_generate, _add_careset, _add_eval)
+COMMANDS: tuple[Callable, ...] = (_add_generate, _add_careset, _add_eval, _add_train, _add_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
