@@ -21,7 +21,7 @@ from recare.models import load_sd
 from recare.params import set_trainable
 from recare.sampling import make_ddim_scheduler
 from recare.train import (PromptEmbeddings, Stage2Rows, balanced_schedule, plan_phases, stage1_loss, stage2_loss,
-                          train)
+                          teacher_copy, teacher_epsilon, train)
 from recare.train_config import TrainConfig, config_from_toml
 from recare.train_state import STATE_NAME
 
@@ -66,7 +66,8 @@ def test_reference_defaults():
     config = TrainConfig()
     assert (config.method, config.train_method, config.rounds, config.erase_iterations) == ("recare", "noxattn", 2, 200)
     assert (config.effective_erase_lr, config.effective_erase_optimizer) == (0.5e-5, "adamw")
-    assert (config.stage2_iterations, config.stage2_lr, config.stage2_guidance, config.retain_weight) == (200, 2e-5, 2, 1)
+    assert (config.stage2_iterations, config.stage2_lr) == (200, 2e-5)
+    assert (config.stage2_guidance, config.retain_weight, config.erase_set_tokens) == (2.0, 1.0, 2)
     assert (config.trajectory_guidance, config.ddim_steps, config.stop_range) == (3.0, 50, (1, 48))
     assert (config.inversion.steps, config.inversion.learning_rate, config.seed) == (3000, 5e-3, 42)
     esd = TrainConfig(method="esd")
@@ -194,6 +195,27 @@ def test_batched_stage1_iteration_equals_unbatched(tiny_sd, method):
     target = esd_target(e_c, e_c, e_u, 2.0) if method == "esd" else stage1_erase_target(e_c, e_u, 2.0, 0.5)
     reference = torch.mean((unet(z, t, encoder_hidden_states=emb[:1]).sample - target) ** 2)
     torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["noxattn", "full"])
+def test_bf16_teacher_copy_is_exact_under_bf16_autocast(tiny_sd, mode):
+    # Autocast casts Linear/Conv weights and biases (the only trainable tensors) to bf16 before
+    # use, so storing the teacher's copy in bf16 changes nothing (checked with CPU autocast).
+    trainable = dict(set_trainable(tiny_sd.unet, mode))
+    fp32, bf16 = teacher_copy(trainable, None), teacher_copy(trainable, torch.bfloat16)
+    assert all(v.dtype == torch.bfloat16 for v in bf16.values())
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(0.05)  # the student moves away; the teacher copies must not
+    ddim = make_ddim_scheduler(tiny_sd.scheduler, 4)
+    emb = PromptEmbeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, torch.device("cpu"))(["", "nudity", "a cat"])
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = teacher_epsilon(tiny_sd.unet, fp32, ddim, z, torch.tensor(500), emb)
+        b = teacher_epsilon(tiny_sd.unet, bf16, ddim, z, torch.tensor(500), emb)
+        moved = teacher_epsilon(tiny_sd.unet, {}, ddim, z, torch.tensor(500), emb)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, moved)
 
 
 def test_erase_loss_decreases_on_a_tiny_overfit(tiny_sd, tmp_path):
@@ -361,3 +383,18 @@ def test_resume_state_of_another_architecture_is_refused(tiny_sd_dir, tmp_path):
         attention_head_dim=4, norm_num_groups=8)
     with pytest.raises(RecareError, match="does not match this UNet"):
         train(other, config, out, resume=True, progress=False)
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped without one)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_recare_run_on_cuda_with_bf16_autocast(tiny_sd_dir, images, careset, tmp_path):
+    components = load_sd(tiny_sd_dir, device="cuda")
+    result = train(components, tiny_config(), tmp_path / "cuda", careset=careset, images=images, device="cuda",
+                   progress=False)
+    assert result.complete and all(np.isfinite(row[3]) for row in result.losses)
+    run = json.loads((tmp_path / "cuda" / "run.json").read_text())
+    assert run["peak_memory"]["kind"] == "cuda_max_memory_allocated"
+    assert load_file(tmp_path / "cuda" / "unet.safetensors")["conv_in.weight"].dtype == torch.float32

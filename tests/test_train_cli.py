@@ -2,7 +2,6 @@
 stock diffusers objects. The weights mean nothing; the test checks code paths and formats."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

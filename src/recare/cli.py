@@ -277,7 +277,7 @@ def _add_train(sub) -> None:
                    help="stop-index range (1 48)")
     g.add_argument("--seed", type=int, default=None, help="seed (42)")
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=None, help="auto: bf16 on CUDA")
-    g.add_argument("--checkpoint-every", type=int, default=None, help="save the state every K steps (50)")
+    g.add_argument("--checkpoint-every", type=int, default=None, help="save the state every K steps (100)")
     p.set_defaults(run=_run_train)
 
 

@@ -18,7 +18,8 @@ Speed by design (PERF.md): text embeddings are computed once per prompt; each it
 ONE no-grad teacher UNet call for all teacher predictions (uncond + erase set + anchor +
 retain) and ONE student call with gradients ([h, r] for ReCARE); the frozen teacher is not a
 second UNet but a copy of the trainable parameters' values swapped in with
-torch.func.functional_call; bf16 autocast on CUDA over float32 master weights; the VAE encodes
+torch.func.functional_call (stored in bf16 under bf16 autocast, which gives the same predictions:
+see teacher_copy); bf16 autocast on CUDA over float32 master weights; the VAE encodes
 each target image once per inversion (recare.inversion). A test checks that the batched
 iteration equals separate UNet calls.
 
@@ -50,16 +51,17 @@ from recare.checkpoints import load_learned_embeddings, save_unet_weights
 from recare.errors import RecareError
 from recare.guidance import to_epsilon
 from recare.inversion import image_slices, train_textual_inversion
+from recare.io import read_json
 from recare.losses import esd_target, mse, recare_erase_target, recare_loss, stage1_erase_target
 from recare.models import SDComponents
 from recare.params import set_trainable
-from recare.sampling import initial_latents, make_ddim_scheduler, sample_partial_trajectory, sample_stop_index, \
-    training_timestep
+from recare.sampling import (initial_latents, make_ddim_scheduler, sample_partial_trajectory, sample_stop_index,
+                             training_timestep)
 from recare.train_config import TrainConfig
-from recare.train_report import LOSSES_CSV, LOSSES_PNG, UNET_NAME, check_output_folder, normalise, peak_memory, \
-    plot_losses, versions, write_losses_csv, write_run_json
-from recare.train_state import TrainState, check_parameters, load_optimizer_tensors, load_state, optimizer_tensors, \
-    remove_state, save_state
+from recare.train_report import (LOSSES_CSV, LOSSES_PNG, RUN_JSON, UNET_NAME, check_output_folder, normalise,
+                                 peak_memory, plot_losses, versions, write_losses_csv, write_run_json)
+from recare.train_state import (TrainState, check_parameters, load_optimizer_tensors, load_state, optimizer_tensors,
+                                remove_state, save_state)
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +108,29 @@ class PromptEmbeddings:
         return torch.cat([self._cache[p] for p in prompts])
 
 
-def autocast_context(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA for 'auto'/'bf16', nothing for 'no' or on the CPU ('bf16' there: error)."""
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA for 'auto'/'bf16'; None (fp32) for 'no' or on the CPU ('bf16' there: error)."""
     if mode == "no" or (mode == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
+        return None
     if device.type != "cuda":
         raise RecareError(f"mixed_precision={mode!r} needs a CUDA device, got {device}")
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.bfloat16
+
+
+def autocast_context(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """torch.autocast with autocast_dtype(mode, device), or nothing."""
+    dtype = autocast_dtype(mode, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def teacher_copy(params: Params, dtype: torch.dtype | None) -> Params:
+    """Frozen copies of trainable parameters for teacher calls, stored in `dtype` (None: as they are).
+
+    The trainable tensors are weights and biases of Linear/Conv2d layers only (recare.params),
+    and bf16 autocast casts exactly those to bf16 before every matmul/convolution; so a bf16
+    copy gives bit-identical teacher predictions under bf16 autocast at half the memory.
+    """
+    return {name: p.detach().to(dtype=dtype or p.dtype, copy=True) for name, p in params.items()}
 
 
 def draw_start(generator: torch.Generator, unet, ddim, config: TrainConfig) -> tuple[int, torch.Tensor]:
@@ -252,7 +270,14 @@ class Trainer:
         self.unet = components.unet
         self.slices = image_slices(list(images), config.rounds) if config.method != "esd" else []
         self.trainable = dict(set_trainable(self.unet, config.train_method))
-        self.original = {name: p.detach().clone() for name, p in self.trainable.items()}
+        self.teacher_dtype = autocast_dtype(config.mixed_precision, device)
+        # Original values of the trainable parameters: the teacher of round 1 and stage 2, and the
+        # start of stage 2. Without autocast one copy on the device serves both; with bf16 autocast
+        # an fp32 master copy waits on the CPU and a bf16 teacher copy lives on the device only
+        # while needed (not during rounds >= 2, which have their own teacher).
+        self.original_master = teacher_copy(self.trainable, None) if self.teacher_dtype is None else {
+            name: p.detach().to("cpu", copy=True) for name, p in self.trainable.items()}
+        self._original: Params | None = None
         self.ddim = make_ddim_scheduler(components.scheduler, config.ddim_steps)
         self.timesteps = {i: torch.tensor(training_timestep(self.ddim, i, config.ddim_steps), device=device)
                           for i in range(config.stop_range[0], config.stop_range[1] + 1)}
@@ -287,19 +312,30 @@ class Trainer:
 
     def checkpoint(self, optimizer: torch.optim.Optimizer | None = None, teacher: Params | None = None) -> None:
         """Flush losses and timings and save the state (with optimizer/teacher when mid-phase)."""
-        self._flush()
+        self.flush()
         self.state.set_group("param", self.trainable)
         self.state.set_group("teacher", teacher or {})
         self.state.set_group("optim", optimizer_tensors(optimizer, list(self.trainable)) if optimizer else {})
         self.state.tensors["rng.main"] = self.generator.get_state()
         save_state(self.state, self.out_dir)
 
+    def original_teacher(self) -> Params:
+        """The original values as a teacher copy on the device (see teacher_copy)."""
+        if self._original is None:
+            dtype = self.teacher_dtype
+            self._original = {k: v.to(self.device, dtype or v.dtype) for k, v in self.original_master.items()}
+        return self._original
+
+    def _release_original(self) -> None:
+        if self.teacher_dtype is not None:  # the master copy stays on the CPU
+            self._original = None
+
     def _copy_into_trainable(self, values: Params) -> None:
         with torch.no_grad():
             for name, param in self.trainable.items():
                 param.copy_(values[name])
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Move pending loss tensors to the host (one sync), check them, and book the elapsed time."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -326,21 +362,25 @@ class Trainer:
         """
         self.budget = budget
         self._clock = time.perf_counter()
-        runners = {"esd": self._erase, "erase": self._erase, "inversion": self._inversion, "stage2": self._stage2}
         try:
             while self.state.phase < len(self.phases):
                 phase = self.phases[self.state.phase]
                 if self.budget is not None and self.budget <= 0:
                     raise _Stop
-                runners[phase.kind](phase)
-                self._flush()
+                self.run_phase(phase)
+                self.flush()
                 self.state.phase, self.state.step = self.state.phase + 1, 0
                 if self.state.phase < len(self.phases):
                     self.checkpoint()
         except _Stop:
             return False
-        self._flush()
+        self.flush()
         return True
+
+    def run_phase(self, phase: Phase) -> None:
+        """Run one phase from the state's step (no checkpoint at its end; `run` does that)."""
+        runners = {"esd": self._erase, "erase": self._erase, "inversion": self._inversion, "stage2": self._stage2}
+        runners[phase.kind](phase)
 
     def _steps(self, phase: Phase, optimizer: torch.optim.Optimizer, teacher: Params | None) -> Iterator[int]:
         """Step indices of `phase` from the saved position; periodic checkpoints and the step budget."""
@@ -381,7 +421,9 @@ class Trainer:
         if self.state.step == 0 and config.reseed_each_round:
             self.generator.manual_seed(config.seed)
         concept = config.concept if phase.round == 1 else self.state.learned_tokens[phase.round - 2]
-        teacher = self.original if phase.round == 1 else self._round_teacher()
+        if phase.round > 1:
+            self._release_original()
+        teacher = self.original_teacher() if phase.round == 1 else self._round_teacher()
         emb = self.embeddings([concept, ""])
         optimizer = self._optimizer(config.effective_erase_optimizer, config.effective_erase_lr)
         stage = "esd" if phase.kind == "esd" else "erase"
@@ -393,6 +435,12 @@ class Trainer:
                 loss = stage1_loss(self.unet, teacher, self.ddim, z, self.timesteps[stop], emb[:1], emb[1:], config)
             self._update(optimizer, loss)
             self._pending.append((stage, phase.round, step + 1, loss.detach(), None, None))
+        self._drop_gradients()
+
+    def _drop_gradients(self) -> None:
+        """Free the gradients after a phase (they would sit in memory during the next one)."""
+        for param in self.trainable.values():
+            param.grad = None
 
     def _round_teacher(self) -> Params:
         """The frozen model of round r >= 2: the weights after round r-1 (saved in the state mid-round)."""
@@ -400,7 +448,7 @@ class Trainer:
         if self.state.step > 0:
             check_parameters(saved, self.trainable, f"teacher in the training state of {self.out_dir}")
             return {k: v.to(self.device) for k, v in saved.items()}
-        return {name: p.detach().clone() for name, p in self.trainable.items()}
+        return teacher_copy(self.trainable, self.teacher_dtype)
 
     def _inversion(self, phase: Phase) -> None:
         """Textual inversion of round r's token against the erased UNet (SPEC 3b)."""
@@ -430,7 +478,7 @@ class Trainer:
         config = self.config
         erase, anchors, retain = self._stage2_prompts()
         if self.state.step == 0:
-            self._copy_into_trainable(self.original)
+            self._copy_into_trainable(self.original_master)
             self.state.schedules = {name: balanced_schedule(list(range(len(items))), phase.steps, self.generator)
                                     for name, items in (("erase", erase), ("anchor", anchors), ("retain", retain))
                                     if items}
@@ -439,19 +487,22 @@ class Trainer:
         table = self.embeddings(prompts)  # (P, L, D)
         erase_rows = tuple(row[p] for p in erase)
         optimizer = self._optimizer("adamw", config.stage2_lr)
+        teacher = self.original_teacher()
         sched = self.state.schedules
         for step in self._steps(phase, optimizer, None):
-            rows = Stage2Rows(row[""], erase_rows, erase_rows[sched["erase"][step]], row[anchors[sched["anchor"][step]]],
-                              row[retain[sched["retain"][step]]] if retain else None)
+            retain_row = row[retain[sched["retain"][step]]] if retain else None
+            rows = Stage2Rows(row[""], erase_rows, erase_rows[sched["erase"][step]],
+                              row[anchors[sched["anchor"][step]]], retain_row)
             stop, noise = draw_start(self.generator, self.unet, self.ddim, config)
             with autocast_context(config.mixed_precision, self.device):
                 z = sample_partial_trajectory(self.unet, self.ddim, table[[rows.concept]], table[[rows.uncond]], stop,
                                               config.trajectory_guidance, latents=noise, num_steps=config.ddim_steps)
-                total, erase_loss, retain_loss = stage2_loss(self.unet, self.original, self.ddim, z,
+                total, erase_loss, retain_loss = stage2_loss(self.unet, teacher, self.ddim, z,
                                                              self.timesteps[stop], table, rows, config)
             self._update(optimizer, total)
             self._pending.append(("stage2", 0, step + 1, total.detach(), erase_loss.detach(),
                                   None if retain_loss is None else retain_loss.detach()))
+        self._drop_gradients()
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -527,7 +578,9 @@ def train(components: SDComponents, config: TrainConfig, out_dir: str | os.PathL
     decision = check_output_folder(out_dir, identity, resume, overwrite)
     if decision == "complete":
         logger.info("%s already holds this finished run; nothing to do", out_dir)
-        return TrainResult(out_dir, True, [], [], {})
+        run = read_json(out_dir / RUN_JSON, "run file")
+        timings = {k: v for k, v in run.get("timings_s", {}).items() if k != "total"}
+        return TrainResult(out_dir, True, list(run.get("learned_tokens", [])), [], timings)
     state = load_state(out_dir) if decision == "resume" else None
     if state is not None:
         trainer.restore(state)

@@ -1,0 +1,254 @@
+"""Time the erasure-training stages (erase, textual inversion, stage 2) and extrapolate a full run.
+
+Builds a RANDOMLY initialised model (costs do not depend on the weights; nothing is downloaded):
+- default: the full SD v1.4 architecture from configs written below (UNet 860M, CLIP ViT-L/14
+  text tower, VAE), meant for a GPU;
+- --tiny: recare.tiny's tiny SD, to check the script end to end on a CPU.
+
+Per stage it runs the library's own phase loop (recare.train.Trainer.run_phase) at two fixed
+stop indices, fits "fixed + per sampling step" costs, and extrapolates to the paper defaults
+(2 x 200 erase iterations, 2 x 3000 inversion steps, 200 stage-2 iterations, stop index
+uniform in [1, 48], mean 24.5 sampling steps). Printed next to the paper (H100: 28.33 min,
+24 GB) and PERF.md's measurement of the reference code (H200: 29.9 min, 27.2 GiB).
+
+    python benchmarks/bench_train.py                 # full size, cuda if available
+    python benchmarks/bench_train.py --tiny --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from recare.careset import CareSet
+from recare.inversion import InversionConfig
+from recare.models import SDComponents
+from recare.train import Phase, Trainer, run_identity, train
+from recare.train_config import TrainConfig
+from recare.train_report import peak_memory
+
+PAPER = {"minutes": 28.33, "memory": "24 GB", "card": "H100"}
+PERF_REFERENCE = {"minutes": 29.9, "memory": "27.2 GiB", "card": "H200",
+                  "erase_s_per_it": 1.36, "inversion_s_per_step": 0.149, "stage2_s_per_it": 1.80}
+FULL_RUN = {"rounds": 2, "erase_iterations": 200, "inversion_steps": 3000, "stage2_iterations": 200,
+            "mean_stop": 24.5}
+
+# SD v1.4 configs (CompVis/stable-diffusion-v1-4: unet/, text_encoder/, vae/ config.json).
+SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                   "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+SD14_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+SD14_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, norm_num_groups=32, sample_size=512)
+
+
+def build_sd14_random(device: str, seed: int = 0) -> SDComponents:
+    """Full-size SD v1.4 architecture with random weights, built directly on `device`."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from recare.tiny import SD14_SCHEDULER
+    from recare.tokenizer import offline_clip_tokenizer
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD14_UNET)
+        vae = AutoencoderKL(**SD14_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD14_TEXT))
+    scheduler = PNDMScheduler(**SD14_SCHEDULER)
+    scheduler.register_to_config(clip_sample=False)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return SDComponents(offline_clip_tokenizer(), text_encoder, vae, unet, scheduler, source="<random-sd-v1-4>")
+
+
+def memory_plan(train_method: str = "noxattn") -> dict[str, float]:
+    """GiB of the tensors a full-size run keeps on the device (bf16 autocast), counted on the meta device.
+
+    Activations come on top (the benchmark's measured peak includes them).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from recare.params import select_parameters
+
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**SD14_UNET), AutoencoderKL(**SD14_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD14_TEXT))
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    trainable = sum(p.numel() for _, p in select_parameters(unet, train_method))
+    gib = 2.0 ** 30
+    plan = {"unet_fp32": 4 * count(unet) / gib, "gradients_fp32": 4 * trainable / gib,
+            "adamw_states_fp32": 8 * trainable / gib, "teacher_copy_bf16": 2 * trainable / gib,
+            "text_encoder_and_vae_fp32": 4 * (count(text_encoder) + count(vae)) / gib}
+    plan["total"] = sum(plan.values())
+    plan["trainable_parameters_M"] = trainable / 1e6
+    return plan
+
+
+def build_tiny(device: str) -> SDComponents:
+    from recare.tiny import build_tiny_sd
+
+    return build_tiny_sd(seed=0).to(device)
+
+
+def write_images(folder: Path, n: int, size: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"{i:05d}.png")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_phase(trainer: Trainer, phase: Phase, **config_changes) -> float:
+    """Seconds for one phase run by the library loop, with temporary config changes."""
+    trainer.config = dataclasses.replace(trainer.config, **config_changes)
+    trainer.state.step = 0
+    _sync(trainer.device)
+    start = time.perf_counter()
+    trainer.run_phase(phase)
+    trainer.flush()  # host sync of the losses, as the real loop does every checkpoint
+    _sync(trainer.device)
+    return time.perf_counter() - start
+
+
+def linear_fit(trainer: Trainer, kind: str, iterations: int, stops: tuple[int, int]) -> dict:
+    """Per-iteration cost at two stop indices -> fixed + per-sampling-step cost."""
+    per_it = {}
+    for stop in stops:
+        seconds = time_phase(trainer, Phase(kind, 1, iterations), stop_range=(stop, stop))
+        per_it[stop] = seconds / iterations
+        print(f"  {kind:<7} stop index {stop:>2}: {per_it[stop]:.3f} s/it", flush=True)
+    a, b = stops
+    per_step = (per_it[b] - per_it[a]) / (b - a)
+    fixed = per_it[a] - a * per_step
+    return {"s_per_it": per_it, "fixed_s": fixed, "per_sampling_step_s": per_step,
+            "s_per_it_at_mean_stop": fixed + per_step * FULL_RUN["mean_stop"]}
+
+
+def benchmark(components: SDComponents, device: torch.device, iterations: int, inversion_steps: tuple[int, int],
+              stops: tuple[int, int], workdir: Path) -> dict:
+    image_size = components.image_size
+    images = write_images(workdir / "images", 4, image_size)
+    careset = CareSet.from_words("nudity", ["person", "woman", "man", "girl", "body", "skin"], "nudity")
+    config = TrainConfig(method="recare", checkpoint_every=0, inversion=InversionConfig(resolution=image_size))
+    identity = run_identity(components, config, careset, images)
+    trainer = Trainer(components, config, workdir / "out", device, careset, images, identity, {}, progress=False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    print("warm-up ...", flush=True)
+    time_phase(trainer, Phase("erase", 1, 2), stop_range=(1, 1))
+    print("stage-1 erase:", flush=True)
+    erase = linear_fit(trainer, "erase", iterations, stops)
+    print("textual inversion:", flush=True)
+    inv_times = []
+    for round_index, steps in enumerate(inversion_steps, start=1):
+        inv = dataclasses.replace(config.inversion, steps=steps)
+        inv_times.append(time_phase(trainer, Phase("inversion", round_index, steps), inversion=inv))
+        print(f"  {steps} steps: {inv_times[-1]:.2f} s (incl. VAE encoding of the slice)", flush=True)
+    inversion_step = (inv_times[1] - inv_times[0]) / (inversion_steps[1] - inversion_steps[0])
+    print(f"  -> {inversion_step:.4f} s/step", flush=True)
+    print("stage 2:", flush=True)
+    stage2 = linear_fit(trainer, "stage2", iterations, stops)
+    full = {
+        "erase_min": FULL_RUN["rounds"] * FULL_RUN["erase_iterations"] * erase["s_per_it_at_mean_stop"] / 60,
+        "inversion_min": FULL_RUN["rounds"] * FULL_RUN["inversion_steps"] * inversion_step / 60,
+        "stage2_min": FULL_RUN["stage2_iterations"] * stage2["s_per_it_at_mean_stop"] / 60,
+    }
+    full["total_min"] = sum(full.values())
+    return {"erase": erase, "inversion_s_per_step": inversion_step, "stage2": stage2, "full_run": full,
+            "peak_memory": peak_memory(device)}
+
+
+def end_to_end(components: SDComponents, device: torch.device, workdir: Path, steps: int) -> dict:
+    """A complete `train` run (all phases, outputs, checkpoints) at `steps` per stage."""
+    images = write_images(workdir / "e2e-images", 4, components.image_size)
+    careset = CareSet.from_words("nudity", ["person", "woman", "man", "girl", "body", "skin"], "nudity")
+    config = TrainConfig(method="recare", erase_iterations=steps, stage2_iterations=steps, checkpoint_every=steps,
+                         inversion=InversionConfig(steps=steps, resolution=components.image_size))
+    start = time.perf_counter()
+    result = train(components, config, workdir / "e2e", careset=careset, images=images, device=device,
+                   progress=False)
+    return {"steps_per_stage": steps, "wall_s": time.perf_counter() - start, "timings_s": result.timings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random SD (CPU check) instead of full size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--iterations", type=int, default=3, help="iterations per timed erase/stage-2 phase")
+    parser.add_argument("--inversion-steps", type=int, nargs=2, default=(5, 15), help="two inversion lengths")
+    parser.add_argument("--stops", type=int, nargs=2, default=(1, 9), help="two fixed stop indices")
+    parser.add_argument("--e2e-steps", type=int, default=5, help="steps per stage of the end-to-end run (--tiny)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    components = build_tiny(args.device) if args.tiny else build_sd14_random(args.device)
+    built = time.perf_counter() - start
+    name = "tiny random SD" if args.tiny else "SD v1.4 architecture, random weights"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name} on {card} (built in {built:.1f} s); torch {torch.__version__}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = benchmark(components, device, args.iterations, tuple(args.inversion_steps), tuple(args.stops),
+                           Path(tmp))
+        if args.tiny:
+            report["end_to_end"] = end_to_end(build_tiny(args.device), device, Path(tmp), args.e2e_steps)
+    full = report["full_run"]
+    print(f"\nExtrapolated full run at paper defaults on {card} ({name}):")
+    print(f"  stage-1 erase  2 x 200 its : {full['erase_min']:7.2f} min  "
+          f"({report['erase']['s_per_it_at_mean_stop']:.3f} s/it at mean stop 24.5)")
+    print(f"  inversion   2 x 3000 steps : {full['inversion_min']:7.2f} min  "
+          f"({report['inversion_s_per_step']:.4f} s/step)")
+    print(f"  stage 2          200 its   : {full['stage2_min']:7.2f} min  "
+          f"({report['stage2']['s_per_it_at_mean_stop']:.3f} s/it)")
+    print(f"  total                      : {full['total_min']:7.2f} min; peak memory "
+          f"{report['peak_memory']['gib']:.2f} GiB ({report['peak_memory']['kind']})")
+    print(f"  paper ({PAPER['card']}): {PAPER['minutes']} min, {PAPER['memory']}; reference code per PERF.md "
+          f"({PERF_REFERENCE['card']}): {PERF_REFERENCE['minutes']} min, {PERF_REFERENCE['memory']} "
+          f"(erase {PERF_REFERENCE['erase_s_per_it']} s/it, inversion {PERF_REFERENCE['inversion_s_per_step']} s/step, "
+          f"stage 2 {PERF_REFERENCE['stage2_s_per_it']} s/it); goal <= 5 min, 16 GiB")
+    plan = memory_plan()
+    print(f"  device-memory plan of a full-size noxattn run (bf16 autocast, before activations): "
+          f"{plan['total']:.2f} GiB = UNet {plan['unet_fp32']:.2f} + grads {plan['gradients_fp32']:.2f} + AdamW "
+          f"{plan['adamw_states_fp32']:.2f} + teacher copy {plan['teacher_copy_bf16']:.2f} + text encoder/VAE "
+          f"{plan['text_encoder_and_vae_fp32']:.2f} ({plan['trainable_parameters_M']:.1f}M trainable)")
+    report["memory_plan_full_size_gib"] = plan
+    if "end_to_end" in report:
+        e2e = report["end_to_end"]
+        print(f"  end-to-end train() with {e2e['steps_per_stage']} steps per stage: {e2e['wall_s']:.1f} s "
+              f"{ {k: round(v, 2) for k, v in e2e['timings_s'].items()} }")
+    if args.json:
+        args.json.write_text(json.dumps({"model": name, "device": card, **report}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
