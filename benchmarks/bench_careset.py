@@ -111,16 +111,27 @@ def main() -> None:
               f"+ candidates/re-encode/t-SNE/k-means/refinement {t_rest.seconds:.1f} s = {cold:.1f} s")
         print(f"  vocabulary, whole: short padding {t_vocab.seconds:.1f} s (measured) vs 77-token padding "
               f"~{full_padding_s:.0f} s (extrapolated): speed-up ~{full_padding_s / t_vocab.seconds:.1f}x")
-        with Timer() as t_warm:
-            careset = build_careset(clip, images, word, config, cache_dir=cache_dir, progress=False)
-        print(f"  warm cache: build_careset {t_warm.seconds:.1f} s")
+        with tempfile.TemporaryDirectory() as image_dir:
+            paths = []
+            for i, image in enumerate(images):
+                paths.append(f"{image_dir}/{i:05d}.png")
+                image.save(paths[-1])
+            with Timer() as t_warm:  # warm vocabulary cache, image features not cached yet
+                careset = build_careset(clip, paths, word, config, cache_dir=cache_dir, progress=False)
+            print(f"  warm vocabulary cache, images encoded: build_careset {t_warm.seconds:.1f} s")
+            with Timer() as t_warm_all:  # warm vocabulary and image-feature caches (e.g. an ablation rerun)
+                build_careset(clip, paths, word, config, cache_dir=cache_dir, progress=False)
+            print(f"  warm vocabulary + image-feature caches (same files, other parameters): "
+                  f"build_careset {t_warm_all.seconds:.1f} s")
     print(f"  {len(careset.words)} CARE words kept of {config.top_n} (random weights: meaningless): "
           f"{', '.join(careset.words[:8])}, ...")
 
     print("\nTargets (this machine):")
     print(f"  cold total < {COLD_TARGET_S:.0f} s: {cold:.1f} s -> {'MET' if cold < COLD_TARGET_S else 'NOT MET'}")
-    print(f"  warm total < {WARM_TARGET_S:.0f} s: {t_warm.seconds:.1f} s -> "
-          f"{'MET' if t_warm.seconds < WARM_TARGET_S else 'NOT MET'}")
+    for label, seconds in (("warm vocabulary cache", t_warm.seconds),
+                           ("warm vocabulary + image caches", t_warm_all.seconds)):
+        print(f"  {label} < {WARM_TARGET_S:.0f} s: {seconds:.1f} s -> "
+              f"{'MET' if seconds < WARM_TARGET_S else 'NOT MET'}")
 
 
 if __name__ == "__main__":

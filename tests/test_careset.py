@@ -401,6 +401,25 @@ def test_build_from_folder_matches_pil_images(built, tiny_clip, cache_dir, tmp_p
     assert careset == built
 
 
+def test_image_features_are_cached_by_file_content(built, tiny_clip, cache_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(_random_images()):
+        image.save(folder / f"img_{i:02d}.png")
+    config = CareSetConfig(top_k=50, top_n=40)
+    first = build_careset_from_folder(tiny_clip, folder, "nudity", config, cache_dir=cache_dir, progress=False)
+    assert len(list((cache_dir / "images").glob("*.safetensors"))) >= 1
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the image features should come from the cache")
+
+    monkeypatch.setattr(tiny_clip, "encode_images", no_encoding)
+    assert build_careset_from_folder(tiny_clip, folder, "nudity", config, cache_dir=cache_dir, progress=False) == first
+    _random_images(seed=5)[0].save(folder / "img_00.png")  # same name, other pixels: must miss
+    with pytest.raises(AssertionError, match="from the cache"):
+        build_careset_from_folder(tiny_clip, folder, "nudity", config, cache_dir=cache_dir, progress=False)
+
+
 def test_folder_and_image_errors(tiny_clip, cache_dir, tmp_path):
     with pytest.raises(RecareError, match="image folder does not exist"):
         build_careset_from_folder(tiny_clip, tmp_path / "missing", "nudity", cache_dir=cache_dir)

@@ -16,6 +16,7 @@ Diffusion Unlearning") and the defaults follow the reference code (damilab/CARE)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -34,9 +35,9 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from recare.errors import RecareError
-from recare.io import list_images, load_image_rgb, read_json, write_text_atomic
+from recare.io import atomic_path, list_images, load_image_rgb, read_json, write_text_atomic
 from recare.models import ImageTextModel
-from recare.vocab import (DEFAULT_VOCAB_MODE, Vocabulary, check_cache_dtype, check_vocab_mode,
+from recare.vocab import (DEFAULT_VOCAB_MODE, Vocabulary, check_cache_dtype, check_vocab_mode, default_cache_dir,
                           encode_vocabulary)
 
 logger = logging.getLogger(__name__)
@@ -678,18 +679,63 @@ def check_reference_word(clip: ImageTextModel, word: str) -> str:
 
 
 def encode_image_inputs(clip: ImageTextModel, images: Sequence[Image.Image | str | os.PathLike],
-                        batch_size: int = 32, progress: bool = True) -> torch.Tensor:
-    """(m, d) normalised features of PIL images or image files (loaded one batch at a time)."""
+                        batch_size: int = 32, progress: bool = True,
+                        cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """(m, d) normalised features of PIL images or image files (loaded one batch at a time).
+
+    With `cache_dir` and image FILES, the features are cached under `cache_dir/images/`, keyed
+    by the model fingerprint and the SHA-256 of every file's bytes (so an edited or replaced
+    image misses): rebuilding a CARE-set from the same images with other parameters (the
+    paper's ablations) skips the image tower. In-memory PIL images are never cached.
+    """
     if isinstance(images, (str, os.PathLike, Image.Image)):
         raise RecareError("images must be a list of PIL images or image paths, not a single one")
     images = list(images)
     if not images:
         raise RecareError("no images given to build the CARE-set from")
+    cache_path = None
+    if cache_dir is not None and all(isinstance(item, (str, os.PathLike)) for item in images):
+        cache_path = _image_cache_path(clip, images, Path(cache_dir))
+        cached = _read_image_cache(cache_path, len(images))
+        if cached is not None:
+            logger.info("image features read from cache %s", cache_path)
+            return cached
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="Encoding images", unit="batch", disable=not progress):
         batch = [_as_rgb(item) for item in images[start:start + batch_size]]
         chunks.append(clip.encode_images(batch, batch_size=len(batch)))
-    return torch.cat(chunks)
+    features = torch.cat(chunks)
+    if cache_path is not None:
+        from safetensors.torch import save_file
+
+        with atomic_path(cache_path) as tmp:
+            save_file({"features": features.contiguous()}, str(tmp))
+    return features
+
+
+def _image_cache_path(clip: ImageTextModel, paths: Sequence[str | os.PathLike], cache_dir: Path) -> Path:
+    """cache_dir/images/<sha256 of model fingerprint, dtype and every file's bytes>.safetensors."""
+    digest = hashlib.sha256(f"{clip.fingerprint()}\n{clip.dtype}\n".encode())
+    for path in paths:
+        try:
+            digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+        except OSError as err:
+            raise RecareError(f"cannot read image {path}: {err}") from err
+    return cache_dir / "images" / f"images-{digest.hexdigest()[:32]}.safetensors"
+
+
+def _read_image_cache(path: Path, n_images: int) -> torch.Tensor | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        features = load_file(str(path))["features"]
+    except (SafetensorError, OSError, KeyError) as err:
+        logger.warning("ignoring unreadable image-feature cache %s: %s", path, err)
+        return None
+    return features if features.ndim == 2 and features.shape[0] == n_images else None
 
 
 def _as_rgb(item: Image.Image | str | os.PathLike) -> Image.Image:
@@ -710,12 +756,13 @@ def build_careset(clip: ImageTextModel, images: Sequence[Image.Image | str | os.
         images: target images, PIL or paths, in the order used for tie-breaking.
         reference_word: the target's word ("nudity", "Van Gogh").
         config: CareSetConfig (reference defaults when None).
-        cache_dir: vocabulary cache folder (None: $RECARE_CACHE or ~/.cache/recare).
+        cache_dir: vocabulary and image-feature cache folder (None: $RECARE_CACHE or ~/.cache/recare).
         progress: tqdm progress bars.
     """
     config = config or CareSetConfig()
     reference_word = check_reference_word(clip, reference_word)
-    image_features = encode_image_inputs(clip, images, config.image_batch_size, progress)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    image_features = encode_image_inputs(clip, images, config.image_batch_size, progress, cache_dir)
     vocab = encode_vocabulary(clip, config.vocab_mode, config.text_batch_size, cache_dir, config.cache_dtype,
                               progress=progress)
     return careset_from_features(clip, image_features, vocab, reference_word, config)
