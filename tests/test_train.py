@@ -247,6 +247,16 @@ def test_stage2_loss_decreases_on_a_fixed_latent(tiny_sd):
     assert erase_losses[-1] < 0.5 * erase_losses[0], erase_losses
 
 
+def test_v_prediction_model_trains_in_epsilon_space(tmp_path):
+    # SPEC 4c: outputs are converted to epsilon before every target and loss.
+    from recare.tiny import build_tiny_sd
+
+    components = build_tiny_sd(seed=0, prediction_type="v_prediction")
+    config = TrainConfig(method="esd", erase_iterations=2, ddim_steps=4, stop_range=(1, 3), checkpoint_every=0)
+    result = train(components, config, tmp_path / "v", progress=False)
+    assert result.complete and all(np.isfinite(row[3]) and row[3] > 0 for row in result.losses)
+
+
 # ----------------------------------------------------------------------------- runs and resume
 
 
