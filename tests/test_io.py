@@ -18,6 +18,7 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
 
 def test_atomic_json_round_trip(tmp_path):
     write_json_atomic(tmp_path / "a.json", {"x": [1, 2]})
+    assert (tmp_path / "a.json").stat().st_mode & 0o044 == 0o044  # readable by others, unlike mkstemp's 0600
     assert read_json(tmp_path / "a.json") == {"x": [1, 2]}
     (tmp_path / "bad.json").write_text("{oops")
     with pytest.raises(RecareError, match="not valid JSON"):

@@ -123,7 +123,7 @@ def load_learned_embeddings(tokenizer, text_encoder, path: str | os.PathLike) ->
         if token in tokenizer.get_vocab():
             raise RecareError(f"token {token!r} from {path} already exists in the tokenizer")
     tokenizer.add_tokens(list(state))
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set below
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         for token, vector in state.items():
