@@ -51,3 +51,28 @@ def tiny_clip_dir(tiny_clip, tmp_path_factory):
     from recare.tiny import save_image_text_model
 
     return save_image_text_model(tiny_clip, tmp_path_factory.mktemp("tiny-clip") / "clip")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one thread: tiny models are several times faster so on the shared 2-core
+    machine, and bit-identity checks need the same thread count (float reductions depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """Run the CLI expecting a user error: exit status 2 and one 'recare: error:' line; returns stderr."""
+    from recare.cli import main
+
+    def run(argv):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "recare: error:" in err
+        return err
+
+    return run

@@ -66,36 +66,28 @@ def test_care_report(pipeline_outputs):
     assert len(list((pipeline_outputs / "care_images").glob("*.png"))) == 4
 
 
-def _error(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "recare: error:" in err
-    return err
-
-
-def test_bad_input_errors(capsys, tmp_path, tiny_sd_dir, tiny_clip_dir, pipeline_outputs):
+def test_bad_input_errors(tmp_path, tiny_sd_dir, tiny_clip_dir, pipeline_outputs, cli_error):
     out = tmp_path / "careset.json"
     base = ["careset", "--reference-word", "nudity", "--clip-model", str(tiny_clip_dir), "--device", "cpu",
             "--cache-dir", str(pipeline_outputs / "cache"), "--top-k", "20", "--top-n", "40", "--out", str(out)]
-    assert "does not exist" in _error(capsys, base + ["--images", str(tmp_path / "missing")])
+    assert "does not exist" in cli_error(base + ["--images", str(tmp_path / "missing")])
     (tmp_path / "empty").mkdir()
-    assert "no .jpg" in _error(capsys, base + ["--images", str(tmp_path / "empty")])
+    assert "no .jpg" in cli_error(base + ["--images", str(tmp_path / "empty")])
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.png").write_bytes(b"\x89PNG nope")
-    assert "broken.png" in _error(capsys, base + ["--images", str(bad)])
+    assert "broken.png" in cli_error(base + ["--images", str(bad)])
     images = str(pipeline_outputs / "images")
-    assert "empty reference word" in _error(capsys, [a if a != "nudity" else " " for a in base] + ["--images", images])
-    assert "top-N = 100000 is larger" in _error(capsys, base + ["--images", images, "--top-n", "100000"])
-    assert "cannot form 1000 clusters" in _error(capsys, base + ["--images", images, "--clusters", "1000"])
+    assert "empty reference word" in cli_error([a if a != "nudity" else " " for a in base] + ["--images", images])
+    assert "top-N = 100000 is larger" in cli_error(base + ["--images", images, "--top-n", "100000"])
+    assert "cannot form 1000 clusters" in cli_error(base + ["--images", images, "--clusters", "1000"])
     assert not out.exists()
-    assert "does not exist" in _error(capsys, ["generate", "--model", str(tmp_path / "nomodel"), "--prompt", "x",
-                                               "--num-images", "1", "--device", "cpu", "--out", str(tmp_path / "g")])
-    assert "'starry' is not in the label list" in _error(
-        capsys, ["eval", "care", "--model", str(tiny_sd_dir), "--clip-model", str(tiny_clip_dir),
-                 "--care-word", "starry", "--prompts", str(pipeline_outputs / "care_prompts.txt"),
-                 "--device", "cpu", "--out", str(tmp_path / "r.json")])
+    assert "does not exist" in cli_error(["generate", "--model", str(tmp_path / "nomodel"), "--prompt", "x",
+                                         "--num-images", "1", "--device", "cpu", "--out", str(tmp_path / "g")])
+    assert "'starry' is not in the label list" in cli_error(
+        ["eval", "care", "--model", str(tiny_sd_dir), "--clip-model", str(tiny_clip_dir),
+         "--care-word", "starry", "--prompts", str(pipeline_outputs / "care_prompts.txt"),
+         "--device", "cpu", "--out", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()
 
 

@@ -28,15 +28,7 @@ from recare.train_state import STATE_NAME
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "recare" / "configs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread on the shared 2-core machine. Module
-    scope: the reference run and the resumed runs must use the same thread count, as float
-    reductions (and so bit-identity) depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ train_method = "xattn"
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -112,27 +106,19 @@ def test_resume_through_the_cli(inputs, tiny_sd_dir, trained, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _error(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "recare: error:" in err
-    return err
-
-
-def test_bad_input_errors(inputs, tiny_sd_dir, trained, tmp_path, capsys):
+def test_bad_input_errors(inputs, tiny_sd_dir, trained, tmp_path, capsys, cli_error):
     out = tmp_path / "out"
     args = _train_args(inputs, tiny_sd_dir, "recare", out)
     other = tmp_path / "vangogh.json"
     CareSet.from_words("Van Gogh", ["sky"], concept_type="style").save(other)
-    assert "is for reference word 'Van Gogh'" in _error(capsys, [a if a != str(inputs / "careset.json") else str(other)
+    assert "is for reference word 'Van Gogh'" in cli_error([a if a != str(inputs / "careset.json") else str(other)
                                                                  for a in args])
     malformed = tmp_path / "malformed.json"
     malformed.write_text('{"format_version": 1, "reference_word": "nudity"}')
-    assert "invalid CARE-set file" in _error(capsys, [a if a != str(inputs / "careset.json") else str(malformed)
+    assert "invalid CARE-set file" in cli_error([a if a != str(inputs / "careset.json") else str(malformed)
                                                       for a in args])
-    assert "not one whole word" in _error(capsys, args + ["--initializer", "Van Gogh"])
-    assert "stop_range" in _error(capsys, args + ["--stop-range", "0", "3"])
+    assert "not one whole word" in cli_error(args + ["--initializer", "Van Gogh"])
+    assert "stop_range" in cli_error(args + ["--stop-range", "0", "3"])
     assert not out.exists()
     # weights of another architecture
     from diffusers import UNet2DConditionModel
@@ -143,14 +129,14 @@ def test_bad_input_errors(inputs, tiny_sd_dir, trained, tmp_path, capsys):
                                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     save_unet_weights(small, tmp_path / "small.safetensors")
-    assert "does not match this UNet" in _error(capsys, args + ["--unet-weights", str(tmp_path / "small.safetensors")])
+    assert "does not match this UNet" in cli_error(args + ["--unet-weights", str(tmp_path / "small.safetensors")])
     # an output folder holding another run stays untouched
     folder = trained["esd"]
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert "another config" in _error(capsys, _train_args(inputs, tiny_sd_dir, "stereo", folder))
-    assert "--resume" in _error(capsys, _train_args(inputs, tiny_sd_dir, "esd", folder))
+    assert "another config" in cli_error(_train_args(inputs, tiny_sd_dir, "stereo", folder))
+    assert "--resume" in cli_error(_train_args(inputs, tiny_sd_dir, "esd", folder))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    assert "no concept" in _error(capsys, [a for a in args if a not in ("--concept", "nudity")])
+    assert "no concept" in cli_error([a for a in args if a not in ("--concept", "nudity")])
 
 
 def test_run_pipeline_from_one_toml(inputs, tiny_sd_dir, tiny_clip_dir, tmp_path, monkeypatch):
