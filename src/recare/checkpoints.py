@@ -8,6 +8,10 @@ Formats:
   is read as "full". A released `.pt` state dict is read only with torch.load(weights_only=True)
   (no unpickling of arbitrary objects) and can be converted once with `convert_pt_to_safetensors`.
 - Learned tokens: the layout diffusers' `load_textual_inversion` reads: {token: (dim,) tensor}.
+- LoRA adapter (training with lora_rank > 0): the layout diffusers' pipeline
+  `load_lora_weights(folder, weight_name=...)` reads: keys "unet.<module>.lora_A.weight" /
+  "...lora_B.weight", metadata `lora_adapter_metadata` = JSON {"unet.<LoraConfig field>": value}
+  (rank r, lora_alpha, target_modules, ...), plus any extra string metadata.
 """
 
 from __future__ import annotations
@@ -87,6 +91,32 @@ def save_unet_weights(unet: torch.nn.Module, path: str | os.PathLike, names: lis
     meta = {"recare_params": "full" if names is None else "subset", **dict(metadata or {})}
     with atomic_path(path) as tmp:
         save_file({k: own[k].detach().contiguous().cpu() for k in keys}, str(tmp), metadata=meta)
+
+
+def save_unet_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                         metadata: Mapping[str, str] | None = None) -> None:
+    """Save a FULL UNet state dict given as tensors (e.g. LoRA merged into the base), atomically."""
+    from safetensors.torch import save_file
+
+    meta = {"recare_params": "full", **dict(metadata or {})}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=meta)
+
+
+def save_lora_weights(weights: Mapping[str, torch.Tensor], lora_config: Mapping[str, object],
+                      path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Save a UNet LoRA adapter (peft naming, no adapter name) in diffusers' pipeline layout, atomically.
+
+    `lora_config`: the adapter's LoraConfig as a JSON-ready dict (see the module docstring).
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    adapter = json.dumps({f"unet.{k}": v for k, v in lora_config.items()}, sort_keys=True)
+    meta = {"format": "pt", "lora_adapter_metadata": adapter, **dict(metadata or {})}
+    with atomic_path(path) as tmp:
+        save_file({f"unet.{k}": v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp), metadata=meta)
 
 
 def convert_pt_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -221,7 +221,8 @@ def _run_eval_care(args: argparse.Namespace) -> int:
 
 # CLI flag -> TrainConfig field ("inversion.x" for InversionConfig fields); None = not given.
 _TRAIN_OVERRIDES = {
-    "method": "method", "concept": "concept", "train_method": "train_method", "rounds": "rounds",
+    "method": "method", "concept": "concept", "train_method": "train_method", "lora_rank": "lora_rank",
+    "lora_alpha": "lora_alpha", "rounds": "rounds",
     "erase_iterations": "erase_iterations", "erase_lr": "erase_lr", "initializer": "initializer",
     "inversion_steps": "inversion.steps", "inversion_resolution": "inversion.resolution",
     "inversion_templates": "inversion.templates", "stage2_iterations": "stage2_iterations",
@@ -261,6 +262,9 @@ def _add_train(sub) -> None:
     _add_train_options(p)
     g = p.add_argument_group("overrides (default: config file, else the reference value)")
     g.add_argument("--train-method", choices=TRAIN_MODES, default=None, help="UNet parameters trained (noxattn)")
+    g.add_argument("--lora-rank", type=int, default=None,
+                   help="train a rank-r LoRA adapter on the --train-method modules instead (0: off, the reference)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; update scale alpha/r (default: r)")
     g.add_argument("--rounds", type=int, default=None, help="stage-1 rounds (2)")
     g.add_argument("--erase-iterations", type=int, default=None, help="iterations per erase round (200)")
     g.add_argument("--erase-lr", type=float, default=None, help="erase lr (ReCARE/STEREO 0.5e-5, ESD 5e-5)")

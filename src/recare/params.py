@@ -20,8 +20,10 @@ cross-attention (the text-conditioned projections).
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import math
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from recare.errors import RecareError
@@ -76,7 +78,7 @@ def set_trainable(unet: nn.Module, mode: str) -> NamedParameters:
 
 
 def add_lora(unet: nn.Module, rank: int, alpha: float, target: str = "noxattn",
-             adapter_name: str = "recare") -> list[str]:
+             adapter_name: str = "recare", generator: torch.Generator | None = None) -> list[str]:
     """Add a LoRA adapter (Hu et al. 2021) via peft to the modules `target` selects.
 
     The base weights are frozen; the LoRA B matrices start at zero, so the UNet's output is
@@ -89,6 +91,8 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, target: str = "noxattn",
         alpha: LoRA alpha; the update is scaled by alpha / rank.
         target: a train mode (TRAIN_MODES) naming the Linear/Conv2d modules that get LoRA.
         adapter_name: the peft adapter name.
+        generator: draws the A matrices (peft's init, kaiming-uniform with a = sqrt(5)) when given,
+            so that the same seed gives the same adapter; None: peft draws them from torch's global RNG.
 
     Returns:
         Names of the trainable (LoRA) parameters, as in unet.named_parameters().
@@ -106,6 +110,45 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, target: str = "noxattn",
     unet.requires_grad_(False)
     unet.add_adapter(config, adapter_name=adapter_name)
     names = [name for name, param in unet.named_parameters() if param.requires_grad]
+    if generator is not None:
+        with torch.no_grad():
+            for name, param in unet.named_parameters():
+                if param.requires_grad and f".lora_A.{adapter_name}." in name:
+                    nn.init.kaiming_uniform_(param, a=math.sqrt(5), generator=generator)
     logger.info("LoRA r=%d alpha=%g on %d modules (%s): %d trainable tensors", rank, alpha, len(modules), target,
                 len(names))
     return names
+
+
+def merged_state_dict(unet: nn.Module, adapter_name: str = "recare") -> dict[str, torch.Tensor]:
+    """The state dict of the stock UNet with each LoRA update folded into its base weight.
+
+    W' = W + (alpha / r) B A (peft's get_delta_weight; reshaped for Conv2d), under the stock key
+    names (`<module>.base_layer.weight` -> `<module>.weight`); the adapter tensors are left out.
+    The result loads with strict=True into a UNet without adapters.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuners = {name: module for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)}
+    merged = {}
+    with torch.no_grad():
+        for key, value in unet.state_dict().items():
+            if ".lora_" in key:  # lora_A / lora_B of an adapter layer: no stock UNet key has "lora_"
+                continue
+            owner, wrapped, leaf = key.partition(".base_layer.")
+            if wrapped:
+                key = f"{owner}.{leaf}"
+                if leaf == "weight":
+                    value = value + tuners[owner].get_delta_weight(adapter_name).to(value.dtype)
+            merged[key] = value.detach()
+    return merged
+
+
+def lora_adapter(unet: nn.Module, adapter_name: str = "recare") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter's weights in peft's saved naming (no adapter name) and its LoraConfig as a JSON-ready dict."""
+    from peft.utils import get_peft_model_state_dict
+
+    weights = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    config = {key: sorted(value) if isinstance(value, (set, frozenset)) else value
+              for key, value in unet.peft_config[adapter_name].to_dict().items()}
+    return weights, config

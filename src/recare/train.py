@@ -23,6 +23,12 @@ see teacher_copy); bf16 autocast on CUDA over float32 master weights; the VAE en
 each target image once per inversion (recare.inversion). A test checks that the batched
 iteration equals separate UNet calls.
 
+LoRA (config.lora_rank > 0): a peft adapter on the modules `train_method` selects; its A/B
+matrices are the trainable parameters and the base weights stay frozen. Nothing else changes:
+B starts at zero, so the teacher copy of the initial adapter values IS the original model, and
+stage 2 "from the original UNet" resets the adapter to those initial values. unet.safetensors
+holds the merged weights W + (alpha / r) B A under the stock names; lora.safetensors the adapter.
+
 Randomness: one CPU torch.Generator (seed `seed`) draws everything; the reference re-seeds it at
 the start of every erase round and every inversion (`reseed_each_round`, default True), stage 2
 is not re-seeded. Its state is saved with the training state, so a resumed run is bit-identical
@@ -47,25 +53,26 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from recare.careset import CareSet, reference_key
-from recare.checkpoints import load_learned_embeddings, save_unet_weights
+from recare.checkpoints import load_learned_embeddings, save_lora_weights, save_unet_state_dict, save_unet_weights
 from recare.errors import RecareError
 from recare.guidance import to_epsilon
 from recare.inversion import image_slices, train_textual_inversion
 from recare.io import read_json
 from recare.losses import esd_target, mse, recare_erase_target, recare_loss, stage1_erase_target
 from recare.models import SDComponents
-from recare.params import set_trainable
+from recare.params import add_lora, lora_adapter, merged_state_dict, set_trainable
 from recare.sampling import (initial_latents, make_ddim_scheduler, sample_partial_trajectory, sample_stop_index,
                              training_timestep)
 from recare.train_config import TrainConfig
-from recare.train_report import (LOSSES_CSV, LOSSES_PNG, RUN_JSON, UNET_NAME, check_output_folder, normalise,
-                                 peak_memory, plot_losses, versions, write_losses_csv, write_run_json)
+from recare.train_report import (LORA_NAME, LOSSES_CSV, LOSSES_PNG, RUN_JSON, UNET_NAME, check_output_folder,
+                                 normalise, peak_memory, plot_losses, versions, write_losses_csv, write_run_json)
 from recare.train_state import (TrainState, check_parameters, load_optimizer_tensors, load_state, optimizer_tensors,
                                 remove_state, save_state)
 
 logger = logging.getLogger(__name__)
 
 LOG_EVERY = 10  # steps between host syncs for loss logging (no per-step .item())
+LORA_ADAPTER = "recare"  # peft adapter name of the LoRA student
 
 Params = dict[str, torch.Tensor]
 
@@ -123,12 +130,31 @@ def autocast_context(mode: str, device: torch.device) -> contextlib.AbstractCont
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def trainable_parameters(unet, config: TrainConfig) -> Params:
+    """The student's trainable tensors by name (everything else in `unet` is frozen).
+
+    lora_rank 0: the parameters `train_method` selects (recare.params.set_trainable). lora_rank r > 0:
+    the parameters of a new LoRA adapter on the modules `train_method` selects; its A matrices are
+    drawn from a generator seeded with config.seed (same seed, same adapter; B = 0).
+    """
+    if config.lora_rank == 0:
+        return dict(set_trainable(unet, config.train_method))
+    if getattr(unet, "peft_config", None):
+        raise RecareError(f"the UNet already carries adapters {sorted(unet.peft_config)}; LoRA training needs a "
+                          "UNet without adapters")
+    names = add_lora(unet, config.lora_rank, config.effective_lora_alpha, target=config.train_method,
+                     adapter_name=LORA_ADAPTER, generator=torch.Generator().manual_seed(config.seed))
+    params = dict(unet.named_parameters())
+    return {name: params[name] for name in names}
+
+
 def teacher_copy(params: Params, dtype: torch.dtype | None) -> Params:
     """Frozen copies of trainable parameters for teacher calls, stored in `dtype` (None: as they are).
 
-    The trainable tensors are weights and biases of Linear/Conv2d layers only (recare.params),
-    and bf16 autocast casts exactly those to bf16 before every matmul/convolution; so a bf16
-    copy gives bit-identical teacher predictions under bf16 autocast at half the memory.
+    The trainable tensors are weights and biases of Linear/Conv2d layers only (recare.params; the
+    LoRA A/B matrices are Linear/Conv2d weights too), and bf16 autocast casts exactly those to
+    bf16 before every matmul/convolution; so a bf16 copy gives bit-identical teacher predictions
+    under bf16 autocast at half the memory.
     """
     return {name: p.detach().to(dtype=dtype or p.dtype, copy=True) for name, p in params.items()}
 
@@ -269,12 +295,13 @@ class Trainer:
         self.careset, self.identity, self.info, self.progress = careset, identity, info, progress
         self.unet = components.unet
         self.slices = image_slices(list(images), config.rounds) if config.method != "esd" else []
-        self.trainable = dict(set_trainable(self.unet, config.train_method))
+        self.trainable = trainable_parameters(self.unet, config)
         self.teacher_dtype = autocast_dtype(config.mixed_precision, device)
         # Original values of the trainable parameters: the teacher of round 1 and stage 2, and the
-        # start of stage 2. Without autocast one copy on the device serves both; with bf16 autocast
-        # an fp32 master copy waits on the CPU and a bf16 teacher copy lives on the device only
-        # while needed (not during rounds >= 2, which have their own teacher).
+        # start of stage 2 (with LoRA: the initial adapter, B = 0, i.e. the original UNet). Without
+        # autocast one copy on the device serves both; with bf16 autocast an fp32 master copy waits
+        # on the CPU and a bf16 teacher copy lives on the device only while needed (not during
+        # rounds >= 2, which have their own teacher).
         self.original_master = teacher_copy(self.trainable, None) if self.teacher_dtype is None else {
             name: p.detach().to("cpu", copy=True) for name, p in self.trainable.items()}
         self._original: Params | None = None
@@ -554,11 +581,13 @@ def train(components: SDComponents, config: TrainConfig, out_dir: str | os.PathL
     """Erase `config.concept` from `components` (modified in place) and write the outputs to `out_dir`.
 
     Args:
-        components: SD components in float32 on `device` (the UNet is trained in place; the
-            tokenizer and text encoder get the learned tokens).
+        components: SD components in float32 on `device` (the UNet is trained in place; with
+            config.lora_rank > 0 it keeps the trained LoRA adapter "recare"; the tokenizer and text
+            encoder get the learned tokens).
         config: TrainConfig.
-        out_dir: output folder: unet.safetensors, learned_embeds-k.safetensors, run.json,
-            losses.csv, losses.png, and train_state.safetensors while the run is unfinished.
+        out_dir: output folder: unet.safetensors (the full UNet, LoRA merged), lora.safetensors
+            (LoRA runs), learned_embeds-k.safetensors, run.json, losses.csv, losses.png, and
+            train_state.safetensors while the run is unfinished.
         careset: the CARE-set (ReCARE; its reference word must match the concept).
         images: target images for textual inversion (ReCARE/STEREO), split into one slice per round.
         device: where training runs (default: the UNet's device).
@@ -601,15 +630,26 @@ def train(components: SDComponents, config: TrainConfig, out_dir: str | os.PathL
 
 def _write_outputs(trainer: Trainer) -> None:
     config = trainer.config
-    save_unet_weights(trainer.unet, trainer.out_dir / UNET_NAME,
-                      metadata={"recare_method": config.method, "recare_concept": config.concept})
+    metadata = {"recare_method": config.method, "recare_concept": config.concept}
+    if config.lora_rank == 0:
+        save_unet_weights(trainer.unet, trainer.out_dir / UNET_NAME, metadata=metadata)
+    else:
+        save_unet_state_dict(merged_state_dict(trainer.unet, LORA_ADAPTER), trainer.out_dir / UNET_NAME, metadata)
+        weights, lora_config = lora_adapter(trainer.unet, LORA_ADAPTER)
+        modules = sorted({name.partition(".lora_")[0] for name in trainer.trainable})  # peft shortens its list
+        save_lora_weights(weights, lora_config, trainer.out_dir / LORA_NAME,
+                          metadata={**metadata, "recare_train_method": config.train_method,
+                                    "recare_lora_rank": str(config.lora_rank),
+                                    "recare_lora_alpha": str(config.effective_lora_alpha),
+                                    "recare_lora_target_modules": json.dumps(modules)})
     write_losses_csv(trainer.out_dir / LOSSES_CSV, trainer.state.losses)
     plot_losses(trainer.out_dir / LOSSES_PNG, trainer.state.losses, f"{config.method}: {config.concept}")
 
 
 def _write_record(trainer: Trainer, status: str) -> None:
     state, config = trainer.state, trainer.config
-    outputs = [UNET_NAME, LOSSES_CSV, LOSSES_PNG] if status == "complete" else []
+    weights = [UNET_NAME, LORA_NAME] if config.lora_rank else [UNET_NAME]
+    outputs = [*weights, LOSSES_CSV, LOSSES_PNG] if status == "complete" else []
     outputs += [f"learned_embeds-{k}.safetensors" for k in range(1, len(state.learned_tokens) + 1)]
     write_run_json(trainer.out_dir, {
         "status": status, "identity": trainer.identity, "info": trainer.info,
@@ -619,6 +659,8 @@ def _write_record(trainer: Trainer, status: str) -> None:
         "timings_s": {**state.timings, "total": sum(state.timings.values())},
         "peak_memory": peak_memory(trainer.device), "learned_tokens": state.learned_tokens,
         "trainable": {"mode": config.train_method, "tensors": len(trainer.trainable),
-                      "parameters": sum(p.numel() for p in trainer.trainable.values())},
+                      "parameters": sum(p.numel() for p in trainer.trainable.values()),
+                      "lora": {"rank": config.lora_rank, "alpha": config.effective_lora_alpha}
+                      if config.lora_rank else None},
         "outputs": outputs,
     })

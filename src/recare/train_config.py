@@ -55,6 +55,13 @@ class TrainConfig:
     """The target word c, erased as the prompt itself ("nudity", "Van Gogh", "tench")."""
     train_method: str = "noxattn"
     """UNet parameters trained (recare.params): 'noxattn' (ESD-u, reference), 'xattn' (ESD-x), ..."""
+    lora_rank: int = 0
+    """0 (reference): train the parameters `train_method` selects directly. r > 0: add a rank-r
+    LoRA adapter (peft) on the modules `train_method` selects and train only its parameters; the
+    base weights stay frozen and unet.safetensors holds the merged weights W + (alpha / r) B A."""
+    lora_alpha: float | None = None
+    """LoRA alpha (the update is scaled by alpha / lora_rank); None: lora_rank (scale 1).
+    Ignored when lora_rank is 0."""
 
     # --- stage 1 (SPEC 3a) and the ESD baseline (SPEC 4b)
     rounds: int = 2
@@ -120,6 +127,8 @@ class TrainConfig:
             (self.train_method in TRAIN_MODES, f"unknown train_method {self.train_method!r}; "
                                                f"choose one of {list(TRAIN_MODES)}"),
             (bool(self.concept.strip()), "concept is empty"),
+            (self.lora_rank >= 0, f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}"),
+            (self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.erase_iterations >= 1, f"erase_iterations must be >= 1, got {self.erase_iterations}"),
             (self.stage2_iterations >= 1, f"stage2_iterations must be >= 1, got {self.stage2_iterations}"),
@@ -158,6 +167,11 @@ class TrainConfig:
         if self.erase_optimizer is not None:
             return self.erase_optimizer
         return "adam" if self.method == "esd" else "adamw"
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """lora_alpha, or lora_rank when it is None (LoRA scale alpha / rank = 1)."""
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
 
     @property
     def anchors(self) -> tuple[str, ...]:

@@ -3,8 +3,8 @@
 run.json (format "recare-train/1"): status ("running", "stopped", "complete"), the run
 identity (full TrainConfig and the inputs: model, UNet weights, CARE-set file and its SHA-256,
 target image names), seeds, library versions, device, timings per phase, peak memory, learned
-tokens and output files. A folder whose run.json has another identity holds another run:
-training refuses to touch it unless asked to overwrite.
+tokens, the trainable tensors (and LoRA adapter, if any) and output files. A folder whose run.json
+has another identity holds another run: training refuses to touch it unless asked to overwrite.
 
 losses.csv columns: stage, round, step, loss, erase, retain (stage in esd, erase, inversion,
 stage2; erase/retain empty where they do not apply).
@@ -33,11 +33,12 @@ logger = logging.getLogger(__name__)
 RUN_FORMAT = "recare-train/1"
 RUN_JSON = "run.json"
 UNET_NAME = "unet.safetensors"
+LORA_NAME = "lora.safetensors"
 LOSSES_CSV = "losses.csv"
 LOSSES_PNG = "losses.png"
 LOSS_COLUMNS = ("stage", "round", "step", "loss", "erase", "retain")
-OUTPUT_GLOBS = (RUN_JSON, UNET_NAME, LOSSES_CSV, LOSSES_PNG, "learned_embeds-*.safetensors", "learned_embeds-*.json",
-                "train_state.safetensors")
+OUTPUT_GLOBS = (RUN_JSON, UNET_NAME, LORA_NAME, LOSSES_CSV, LOSSES_PNG, "learned_embeds-*.safetensors",
+                "learned_embeds-*.json", "train_state.safetensors")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
