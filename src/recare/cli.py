@@ -166,8 +166,12 @@ def _run_careset(args: argparse.Namespace) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluation")
-    eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="{care}")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="{care,robustness,all}")
     _add_eval_care(eval_sub)
+    from recare.cli_eval import add_eval_all, add_eval_robustness
+
+    add_eval_robustness(eval_sub)
+    add_eval_all(eval_sub)
 
 
 def _add_eval_care(sub) -> None:
