@@ -211,7 +211,8 @@ def test_parse_method_arg_and_spec_file(tmp_path):
         parse_method_arg("no-equals-sign")
     spec = tmp_path / "spec.toml"
     spec.write_text('attacks = ["plain"]\nprompts = "p.csv"\n[detector]\nname = "imagenet"\ntarget_class = "tench"\n'
-                    '[generation]\nnum_inference_steps = 3\n[[method]]\nname = "ESD"\nunet_weights = "esd.safetensors"\n')
+                    '[generation]\nnum_inference_steps = 3\n'
+                    '[[method]]\nname = "ESD"\nunet_weights = "esd.safetensors"\n')
     data, methods = read_eval_spec(spec)
     config = EvalConfig.from_dict(data)
     assert methods == [MethodSpec("ESD", "esd.safetensors")]

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from recare.care_score import proportion_ci
 from recare.checkpoints import load_learned_embeddings
 from recare.detectors import Detection
+from recare.distributed import ShardInfo, barrier, broadcast_object
 from recare.errors import RecareError
 from recare.generate import GenerationConfig, generate_images
 from recare.guidance import to_epsilon
@@ -272,6 +273,7 @@ def learn_cce_token(components: SDComponents, images: Sequence[str | os.PathLike
                     model_info: dict[str, Any] | None = None, progress: bool = True) -> CceToken:
     """Invert the target against the attacked model: a fresh token in components (SPEC 5, 3b).
 
+    `images` must be held out from training (check with `check_held_out`).
     The token and its settings are written to out_dir/cce_token.safetensors (+ .json). A later
     call with the same model, images and inversion settings loads it instead of training again.
     The token is added to components.tokenizer / text_encoder either way.
@@ -287,12 +289,11 @@ def learn_cce_token(components: SDComponents, images: Sequence[str | os.PathLike
     generator = torch.Generator("cpu").manual_seed(config.inversion_seed)
     learned = train_textual_inversion(components, paths, placeholder, config.initializer, config.inversion,
                                       generator, device=device, progress=progress)
-    learned.save(file, config.inversion)
+    learned.save(file, config.inversion)  # also writes meta_file (token, initializer, settings, loss)
     digest = _tensor_sha256(learned.embedding)
     tail = learned.losses[-100:]
-    write_json_atomic(meta_file, {"token": placeholder, "embedding_sha256": digest, "key": key,
-                                  "initializer": config.initializer, "mean_loss_last_100": sum(tail) / len(tail),
-                                  "images": [str(p) for p in paths]})
+    meta = read_json(meta_file, "CCE token metadata")
+    write_json_atomic(meta_file, {**meta, "embedding_sha256": digest, "key": key, "images": [str(p) for p in paths]})
     return CceToken(placeholder, digest, str(file), tuple(str(p) for p in paths), sum(tail) / len(tail))
 
 
@@ -588,7 +589,8 @@ def run_unlearndiffatk(attacked: SDComponents, original: SDComponents, jobs: Seq
                        original_image_dir: str | os.PathLike | None = None,
                        original_model_info: dict[str, Any] | None = None,
                        plain_image_dir: str | os.PathLike | None = None,
-                       generate: ImageGenerator = generate_images, progress: bool = True) -> AttackResult:
+                       generate: ImageGenerator = generate_images, progress: bool = True,
+                       shard: ShardInfo = ShardInfo()) -> AttackResult:
     """UnlearnDiffAtk on every prompt of a benchmark file (one attack per prompt, SPEC 5).
 
     1. The attacked model's plain images (plain_image_dir, default out_dir/plain: pass the plain
@@ -599,6 +601,8 @@ def run_unlearndiffatk(attacked: SDComponents, original: SDComponents, jobs: Seq
     3. Per remaining prompt: `optimise_prefix`; prefixes are saved in out_dir/prefixes.json after
        every prompt, so an interrupted run resumes.
     4. Generation with the attacked prompts at the prompts' seeds (out_dir/attacked), detection.
+    In a sharded run (`shard`, with `generate` = recare.distributed.ShardedGenerator) the ranks
+    split the optimisation by prompt, and rank 0's detections decide which prompts are attacked.
     """
     if not jobs:
         raise RecareError("no prompts to attack")
@@ -607,13 +611,13 @@ def run_unlearndiffatk(attacked: SDComponents, original: SDComponents, jobs: Seq
     plain_dir = Path(plain_image_dir) if plain_image_dir is not None else out_dir / "plain"
     plain_paths = generate(attacked, list(jobs), plain_dir, generation, device, model_info)
     plain_det = detect_images(detector, _load_images(plain_paths))
-    todo = [i for i, d in enumerate(plain_det) if not (config.skip_detected and d.detected)]
+    todo = broadcast_object([i for i, d in enumerate(plain_det) if not (config.skip_detected and d.detected)], shard)
     prefixes: dict[int, PrefixAttack] = {}
     if todo:
         orig_dir = Path(original_image_dir) if original_image_dir is not None else out_dir / "original"
         orig_paths = generate(original, list(jobs), orig_dir, generation, device, original_model_info)
-        prefixes = _optimise_all(attacked, original, jobs, todo, orig_paths, out_dir / "prefixes.json", config,
-                                 device, _model_block(attacked, model_info), progress)
+        prefixes = _optimise_all(attacked, original, jobs, todo, orig_paths, out_dir, config, device,
+                                 _model_block(attacked, model_info), progress, shard)
     attacked_jobs = [replace(jobs[i], prompt=prefixes[i].attacked_prompt) for i in todo]
     attacked_paths = generate(attacked, attacked_jobs, out_dir / "attacked", generation, device, model_info) \
         if attacked_jobs else []
@@ -624,40 +628,73 @@ def run_unlearndiffatk(attacked: SDComponents, original: SDComponents, jobs: Seq
         if i in by_index:
             ajob, path, det = by_index[i]
             details = {"attacked": True, **prefixes[i].to_json(), "plain_detection": plain_det[i].to_dict()}
-            records.append(AttackRecord(job.prompt, ajob.prompt, (job.seed,), (str(path),), (det,), job.case_id, details))
+            records.append(AttackRecord(job.prompt, ajob.prompt, (job.seed,), (str(path),), (det,), job.case_id,
+                                        details))
         else:
             records.append(AttackRecord(job.prompt, job.prompt, (job.seed,), (str(plain_paths[i]),), (plain_det[i],),
                                         job.case_id, {"attacked": False, "reason": "plain prompt already detected"}))
     settings = {"unlearndiffatk": asdict(config), "generation": _generation_settings(generation),
-                "model": _model_block(attacked, model_info), "original_model": _model_block(original, original_model_info),
+                "model": _model_block(attacked, model_info),
+                "original_model": _model_block(original, original_model_info),
                 "prompts_attacked": len(todo), "prompts_detected_without_attack": len(jobs) - len(todo),
                 "image_dir": str(out_dir)}
     return AttackResult("unlearndiffatk", tuple(records), detector_settings(detector), settings)
 
 
 def _optimise_all(attacked: SDComponents, original: SDComponents, jobs: Sequence[PromptJob], todo: Sequence[int],
-                  orig_paths: Sequence[Path], cache_file: Path, config: UnlearnDiffAtkConfig, device: torch.device,
-                  model: dict[str, Any], progress: bool) -> dict[int, PrefixAttack]:
-    """Prefixes of the prompts `todo`, reusing those in cache_file made with the same settings."""
-    cache = read_json(cache_file, "UnlearnDiffAtk prefixes") if cache_file.is_file() else {}
+                  orig_paths: Sequence[Path], out_dir: Path, config: UnlearnDiffAtkConfig, device: torch.device,
+                  model: dict[str, Any], progress: bool, shard: ShardInfo) -> dict[int, PrefixAttack]:
+    """Prefixes of the prompts `todo`.
+
+    This process optimises the prompts i with i % world_size == rank and writes them, one prompt
+    at a time, to out_dir/prefixes.json (one process) or prefixes.rank-NNN.json (sharded).
+    Prefixes found in any prefixes*.json of out_dir with the same settings are reused (resume);
+    a sharded run then waits for the other ranks and reads theirs.
+    """
+    cache = _read_prefix_files(out_dir)
+    own_file = out_dir / (f"prefixes.rank-{shard.rank:03d}.json" if shard.distributed else "prefixes.json")
+    own = read_json(own_file, "UnlearnDiffAtk prefixes") if own_file.is_file() else {}
     out = {}
-    for i in tqdm(todo, desc="unlearndiffatk", disable=not progress):
+    for i in tqdm([i for i in todo if i % shard.world_size == shard.rank], desc="unlearndiffatk",
+                  disable=not progress):
         job = jobs[i]
-        key = _prefix_cache_key(config, job, model)
-        saved = cache.get(job.name)
-        if saved is not None and saved.get("key") == json_ready(key):
-            r = saved["result"]
-            out[i] = PrefixAttack(tuple(r["prefix_ids"]), r["prefix_text"], r["attacked_prompt"], tuple(r["losses"]),
-                                  r["retokenizes_exactly"], tuple(r["initial_ids"]))
+        key = json_ready(_prefix_cache_key(config, job, model))
+        out[i] = _cached_prefix(cache, job.name, key)
+        if out[i] is not None:
             continue
         x0 = encode_x0(original, load_image_rgb(orig_paths[i]), device)
         generator = torch.Generator("cpu").manual_seed(job.seed + config.seed_offset)
         out[i] = optimise_prefix(attacked, original, job.prompt, x0, config, generator, device)
         logger.info("UnlearnDiffAtk %s: prefix %r (loss %.4f -> %.4f)", job.name, out[i].prefix_text,
                     out[i].losses[0], out[i].losses[-1])
-        cache[job.name] = {"key": json_ready(key), "result": out[i].to_json()}
-        write_json_atomic(cache_file, cache)
+        own[job.name] = {"key": key, "result": out[i].to_json()}
+        write_json_atomic(own_file, own)
+    if shard.distributed:
+        barrier(shard)
+        cache = _read_prefix_files(out_dir)
+        for i in todo:
+            if i not in out:
+                out[i] = _cached_prefix(cache, jobs[i].name, json_ready(_prefix_cache_key(config, jobs[i], model)))
+                if out[i] is None:
+                    raise RecareError(f"UnlearnDiffAtk: no prefix for {jobs[i].name} from the other ranks")
     return out
+
+
+def _read_prefix_files(out_dir: Path) -> dict[str, Any]:
+    """{job name: {"key", "result"}} merged over out_dir/prefixes*.json."""
+    cache: dict[str, Any] = {}
+    for path in sorted(out_dir.glob("prefixes*.json")):
+        cache.update(read_json(path, "UnlearnDiffAtk prefixes"))
+    return cache
+
+
+def _cached_prefix(cache: dict[str, Any], name: str, key: Any) -> PrefixAttack | None:
+    saved = cache.get(name)
+    if saved is None or saved.get("key") != key:
+        return None
+    r = saved["result"]
+    return PrefixAttack(tuple(r["prefix_ids"]), r["prefix_text"], r["attacked_prompt"], tuple(r["losses"]),
+                        r["retokenizes_exactly"], tuple(r["initial_ids"]))
 
 
 def json_ready(obj: Any) -> Any:

@@ -180,6 +180,17 @@ def add_eval_all(sub) -> None:
 # ----------------------------------------------------------------------------- runners
 
 
+def _shard(device: str):
+    """(ShardInfo, this rank's device); joins the process group under torchrun / accelerate launch."""
+    from recare.distributed import init_distributed, shard_device, shard_info_from_env
+
+    shard = shard_info_from_env()
+    init_distributed(shard)
+    if shard.distributed:
+        logger.info("rank %d of %d: image generation is sharded", shard.rank, shard.world_size)
+    return shard, shard_device(device, shard)
+
+
 def run_eval_robustness(args: argparse.Namespace) -> int:
     from recare.evaluate import MethodSpec, eval_config_from, evaluate_robustness_of
     from recare.io import write_json_atomic
@@ -187,7 +198,10 @@ def run_eval_robustness(args: argparse.Namespace) -> int:
     config = eval_config_from(None, _overrides(args, [args.attack]))
     method = MethodSpec("attacked", args.unet_weights, tuple(args.learned_embeddings))
     work_dir = args.work_dir or args.out.with_name(args.out.stem + "_images")
-    report = evaluate_robustness_of(config, method, work_dir, device=args.device)
+    shard, device = _shard(args.device)
+    report = evaluate_robustness_of(config, method, work_dir, device=device, shard=shard)
+    if not shard.is_main:
+        return 0
     write_json_atomic(args.out, report)
     for note in report["notes"]:
         print(f"NOTE: {note}")
@@ -207,7 +221,10 @@ def run_eval_all(args: argparse.Namespace) -> int:
     if not methods:
         raise RecareError("no erased model given: add --method NAME=unet.safetensors or [[method]] in --spec")
     config = eval_config_from(spec, _overrides(args, args.attacks))
-    results = evaluate_all(config, methods, args.out, device=args.device, cache_dir=args.cache_dir)
+    shard, device = _shard(args.device)
+    results = evaluate_all(config, methods, args.out, device=device, cache_dir=args.cache_dir, shard=shard)
+    if not shard.is_main:
+        return 0
     for note in results["notes"]:
         print(f"NOTE: {note}")
     header, rows = results_table(results)

@@ -88,7 +88,10 @@ def init_distributed(shard: ShardInfo, backend: str | None = None, timeout_s: fl
 
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        kwargs = {"device_id": torch.device("cuda", shard.local_rank)} if backend == "nccl" else {}
+        kwargs = {}
+        if backend == "nccl":
+            torch.cuda.set_device(shard.local_rank)
+            kwargs["device_id"] = torch.device("cuda", shard.local_rank)
         dist.init_process_group(backend, rank=shard.rank, world_size=shard.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return True
@@ -102,6 +105,21 @@ def barrier(shard: ShardInfo) -> None:
         if not dist.is_initialized():
             raise RecareError("distributed run without a process group: call init_distributed first")
         dist.barrier()
+
+
+def broadcast_object(obj: Any, shard: ShardInfo) -> Any:
+    """Rank 0's `obj` on every rank (a picklable Python object; identity in a single process).
+
+    Used where a decision (e.g. which prompts UnlearnDiffAtk attacks) must be the same on every
+    rank although each rank computed it on its own device.
+    """
+    if not shard.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shard_device(device: str | torch.device, shard: ShardInfo) -> torch.device:

@@ -17,14 +17,13 @@ images. FID statistics of a reference folder are cached in cache_dir (recare.fid
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -35,6 +34,7 @@ from recare.attacks import (CceConfig, UnlearnDiffAtkConfig, check_held_out, lea
 from recare.care_score import CareScoreConfig, check_labels, evaluate_care_score
 from recare.clip_score import clip_score
 from recare.detectors import DETECTORS, Detector, make_detector
+from recare.distributed import ShardedGenerator, ShardInfo, barrier
 from recare.errors import RecareError
 from recare.fid import FidStatistics, compute_fid, folder_statistics, load_statistics
 from recare.generate import GenerationConfig, generate_images
@@ -80,7 +80,8 @@ class DetectorSpec:
             raise RecareError(f"the {self.name} detector needs {', '.join(missing)}")
 
 
-def build_detector(spec: DetectorSpec, device: str | torch.device, clip_loader: Callable[[str | None], Any]) -> Detector:
+def build_detector(spec: DetectorSpec, device: str | torch.device,
+                   clip_loader: Callable[[str | None], Any]) -> Detector:
     """The detector of a spec; `clip_loader(source or None)` gives an ImageTextModel for 'clip'."""
     if spec.name == "nudenet":
         return make_detector("nudenet", threshold=spec.threshold)
@@ -324,6 +325,12 @@ class Resources:
     fid_reference: FidStatistics | None = None  # reference statistics (cached)
     device: torch.device = torch.device("cpu")
     base_folders: MethodFolders | None = None
+    shard: ShardInfo = ShardInfo()  # this process among the launched ones (generation is sharded)
+
+    @property
+    def generate(self) -> Callable[..., list]:
+        """generate_images, or its sharded form when several processes run."""
+        return ShardedGenerator(self.shard) if self.shard.distributed else generate_images
 
 
 def evaluate_robustness(components: SDComponents, method: MethodSpec, config: EvalConfig, res: Resources,
@@ -336,7 +343,7 @@ def evaluate_robustness(components: SDComponents, method: MethodSpec, config: Ev
     plain = folders.axis("plain", asdict(gen))
     for attack in config.attacks:
         if attack == "plain":
-            result = run_plain_attack(components, jobs, res.detector, plain, gen, res.device, info)
+            result = run_plain_attack(components, jobs, res.detector, plain, gen, res.device, info, res.generate)
             out["plain"] = result.to_json()
         elif attack == "cce":
             for result in _run_cce(components, method, config, res, folders, progress):
@@ -346,18 +353,23 @@ def evaluate_robustness(components: SDComponents, method: MethodSpec, config: Ev
                                         folders.axis("unlearndiffatk", [asdict(gen), asdict(config.uda)]),
                                         config.uda, gen, res.device, info, original_image_dir=base_plain,
                                         original_model_info=MethodSpec("base").model_info(), plain_image_dir=plain,
-                                        progress=progress)
+                                        generate=res.generate, progress=progress, shard=res.shard)
             out["unlearndiffatk"] = result.to_json()
     return out
 
 
 def _run_cce(components, method, config, res, folders, progress):
+    """Learn the CCE token (rank 0 first; the other ranks then load its file) and attack."""
     folder = folders.axis("cce", [config.cce.to_json(), asdict(config.generation), config.cce_images])
+    if res.shard.distributed and not res.shard.is_main:
+        barrier(res.shard)  # rank 0 learns the token
     token = learn_cce_token(components, res.inputs["cce_images"], folder, config.cce, res.device,
                             method.model_info(), progress)
+    if res.shard.distributed and res.shard.is_main:
+        barrier(res.shard)
     return run_cce_attack(components, token, res.detector, folder, config.cce, config.generation, res.device,
                           method.model_info(), benchmark_jobs=res.inputs["benchmark"],
-                          concept_word=config.cce_replace_word)
+                          concept_word=config.cce_replace_word, generate=res.generate)
 
 
 def evaluate_utility(components: SDComponents, method: MethodSpec, config: EvalConfig, res: Resources,
@@ -365,7 +377,7 @@ def evaluate_utility(components: SDComponents, method: MethodSpec, config: EvalC
     """CLIP score and FID of the COCO images (SPEC 5)."""
     jobs: list[PromptJob] = res.inputs["coco"]
     folder = folders.axis("coco", asdict(config.generation))
-    paths = generate_images(components, jobs, folder, config.generation, res.device, method.model_info())
+    paths = res.generate(components, jobs, folder, config.generation, res.device, method.model_info())
     out: dict[str, Any] = {"image_dir": str(folder), "n_images": len(paths)}
     per_image = []
     for start in range(0, len(paths), 256):
@@ -385,6 +397,11 @@ def evaluate_care(components: SDComponents, method: MethodSpec, config: EvalConf
                   folders: MethodFolders) -> dict[str, Any]:
     """CARE score (SPEC 5) of the CARE prompts."""
     folder = folders.axis("care", asdict(config.care))
+    if res.shard.distributed:  # make the images sharded; evaluate_care_score then finds them all
+        from recare.prompts import jobs_for_prompts
+
+        jobs = jobs_for_prompts(list(res.inputs["care"]), config.care.images_per_prompt, config.care.seed)
+        res.generate(components, jobs, folder, config.care.generation_config(), res.device, method.model_info())
     report = evaluate_care_score(components, res.clip, res.inputs["care"], config.care_word, config.care,
                                  image_dir=folder, device=res.device, model_info=method.model_info())
     return {**report.to_json(), "image_dir": str(folder)}
@@ -429,11 +446,11 @@ def evaluate_method(components: SDComponents, method: MethodSpec, config: EvalCo
 
 def load_resources(config: EvalConfig, inputs: dict[str, Any], device: torch.device, cache_dir: Path,
                    load_sd: Callable[..., SDComponents], load_clip: Callable[[str], Any],
-                   fid_extractor: Any = None, detector: Any = None) -> Resources:
+                   fid_extractor: Any = None, detector: Any = None, shard: ShardInfo = ShardInfo()) -> Resources:
     """Load the base model, CLIP, detector, FID network and reference statistics once."""
     dtype = _dtype(config.dtype, device)
     base = load_sd(config.model, revision=config.revision, dtype=dtype, device=device)
-    res = Resources(base, inputs, device=device)
+    res = Resources(base, inputs, device=device, shard=shard)
     clips: dict[str, Any] = {}
 
     def clip_of(source: str | None) -> Any:
@@ -453,7 +470,14 @@ def load_resources(config: EvalConfig, inputs: dict[str, Any], device: torch.dev
             fid_extractor = InceptionFeatureExtractor.load(device=device)
         res.fid_extractor = fid_extractor
         ref = Path(config.fid_reference)
-        res.fid_reference = load_statistics(ref) if ref.is_file() else folder_statistics(ref, fid_extractor, cache_dir)
+        if ref.is_file():
+            res.fid_reference = load_statistics(ref)
+        else:  # rank 0 computes and caches the statistics; the other ranks read the cache
+            if shard.distributed and not shard.is_main:
+                barrier(shard)
+            res.fid_reference = folder_statistics(ref, fid_extractor, cache_dir)
+            if shard.distributed and shard.is_main:
+                barrier(shard)
     return res
 
 
@@ -467,7 +491,7 @@ def evaluate_all(config: EvalConfig, methods: Sequence[MethodSpec], out_dir: str
                  device: str | torch.device = "cpu", cache_dir: str | os.PathLike | None = None,
                  fid_extractor: Any = None, detector: Any = None, progress: bool = True,
                  load_sd: Callable[..., SDComponents] | None = None,
-                 load_clip: Callable[[str], Any] | None = None) -> dict[str, Any]:
+                 load_clip: Callable[[str], Any] | None = None, shard: ShardInfo = ShardInfo()) -> dict[str, Any]:
     """Evaluate the base model and `methods` on every configured axis; write the reports.
 
     Args:
@@ -479,8 +503,11 @@ def evaluate_all(config: EvalConfig, methods: Sequence[MethodSpec], out_dir: str
         fid_extractor, detector: injected instead of the Inception network / the detector of
             config.detector (tests, custom detectors).
         load_sd, load_clip: model loaders (default recare.models.load_sd / load_image_text_model).
+        shard: this process among several (recare.distributed, e.g. under `accelerate launch`):
+            every generation is sharded; rank 0 learns CCE tokens and writes the reports; the
+            scores are computed on every rank.
     Returns:
-        The results dict written to results.json.
+        The results dict written to results.json (by rank 0).
     """
     from recare import models
     from recare.report import write_reports
@@ -495,7 +522,8 @@ def evaluate_all(config: EvalConfig, methods: Sequence[MethodSpec], out_dir: str
     inputs = validate_inputs(config)
     load_sd = load_sd or models.load_sd
     load_clip = load_clip or (lambda source: models.load_image_text_model(source, device=device))
-    res = load_resources(config, inputs, device, cache_dir, load_sd, load_clip, fid_extractor, detector)
+    res = load_resources(config, inputs, device, cache_dir, load_sd, load_clip, fid_extractor, detector, shard)
+    progress = progress and shard.is_main
     base_method = MethodSpec(config.base_name)
     res.base_folders = method_folders(base_method, config, out_dir, cache_dir)
     notes = list(config.notes) + model_scale_notes(res.base, config.random_models)
@@ -512,14 +540,16 @@ def evaluate_all(config: EvalConfig, methods: Sequence[MethodSpec], out_dir: str
     results = {"format": RESULTS_FORMAT, "notes": notes, "config": config.to_json(),
                "detector": _detector_settings(res.detector), "methods": entries,
                "ratio_definition": _ratio_definition(config)}
-    write_reports(results, out_dir, config.grid_columns)
+    if shard.is_main:
+        write_reports(results, out_dir, config.grid_columns)
     return results
 
 
 def evaluate_robustness_of(config: EvalConfig, method: MethodSpec, work_dir: str | os.PathLike,
                            device: str | torch.device = "cpu", detector: Any = None, progress: bool = True,
                            load_sd: Callable[..., SDComponents] | None = None,
-                           load_clip: Callable[[str], Any] | None = None) -> dict[str, Any]:
+                           load_clip: Callable[[str], Any] | None = None,
+                           shard: ShardInfo = ShardInfo()) -> dict[str, Any]:
     """`recare eval robustness`: the attacks of config.attacks on ONE model (SPEC 5).
 
     config.model (+ revision) is the original model; `method` adds the erased weights / tokens
@@ -533,7 +563,8 @@ def evaluate_robustness_of(config: EvalConfig, method: MethodSpec, work_dir: str
     inputs = validate_inputs(config)
     load_sd = load_sd or models.load_sd
     load_clip = load_clip or (lambda source: models.load_image_text_model(source, device=device))
-    res = load_resources(config, inputs, device, work_dir / "cache", load_sd, load_clip, None, detector)
+    res = load_resources(config, inputs, device, work_dir / "cache", load_sd, load_clip, None, detector, shard)
+    progress = progress and shard.is_main
     res.base_folders = MethodFolders(work_dir / "original")
     components, folders = res.base, res.base_folders
     if not method.is_base:
