@@ -637,6 +637,8 @@ def run_unlearndiffatk(attacked: SDComponents, original: SDComponents, jobs: Seq
                 "model": _model_block(attacked, model_info),
                 "original_model": _model_block(original, original_model_info),
                 "prompts_attacked": len(todo), "prompts_detected_without_attack": len(jobs) - len(todo),
+                "generated_from": "the nearest-vocabulary projection of the optimised prefix embeddings, decoded "
+                                  "and prepended to the prompt (details: prefix_ids, prefix_text, retokenizes_exactly)",
                 "image_dir": str(out_dir)}
     return AttackResult("unlearndiffatk", tuple(records), detector_settings(detector), settings)
 

@@ -9,10 +9,16 @@ For every method (the base model first, then erased UNets / learned tokens):
 recare.report turns the result into results.json, report.md, report.html, radar.png and grids.
 
 Caching: images live in `<cache_dir>/base-<model key>/<axis>-<settings key>` for the base
-model and `<out_dir>/images/<method>/<axis>-<settings key>` for the others; generation resumes
+model and `<out_dir>/images/<method>/<axis>-<settings key>` for the others (the settings key
+hashes the axis's settings and the paths of its input files); generation resumes
 (recare.generate), so a second run with the same cache_dir generates nothing for the base
 model, and UnlearnDiffAtk reuses the base model's plain images as the original model's
-images. FID statistics of a reference folder are cached in cache_dir (recare.fid).
+images. FID statistics of a reference folder are cached in cache_dir (recare.fid); CCE tokens
+and UnlearnDiffAtk prefixes are saved next to their images and reused.
+
+Several processes (`accelerate launch -m recare eval all ...`, torchrun): see recare.distributed;
+every generation is sharded, the rest runs on every rank (scores) or on rank 0 (CCE inversion,
+reports).
 """
 
 from __future__ import annotations
@@ -293,6 +299,11 @@ def slug(name: str) -> str:
     return text or "method"
 
 
+def _file_id(path: str | None) -> str | None:
+    """The absolute path of an input file or folder (part of the image-folder keys)."""
+    return None if path is None else str(Path(path).resolve())
+
+
 @dataclass(frozen=True)
 class MethodFolders:
     """Where one method's images go; the base model's live in the shared cache."""
@@ -339,8 +350,9 @@ def evaluate_robustness(components: SDComponents, method: MethodSpec, config: Ev
     info, gen = method.model_info(), config.generation
     jobs = res.inputs["benchmark"]
     out: dict[str, Any] = {}
-    base_plain = res.base_folders.axis("plain", asdict(gen))
-    plain = folders.axis("plain", asdict(gen))
+    plain_key = [asdict(gen), _file_id(config.prompts)]
+    base_plain = res.base_folders.axis("plain", plain_key)
+    plain = folders.axis("plain", plain_key)
     for attack in config.attacks:
         if attack == "plain":
             result = run_plain_attack(components, jobs, res.detector, plain, gen, res.device, info, res.generate)
@@ -350,7 +362,7 @@ def evaluate_robustness(components: SDComponents, method: MethodSpec, config: Ev
                 out[result.attack] = result.to_json()
         else:
             result = run_unlearndiffatk(components, res.base, jobs, res.detector,
-                                        folders.axis("unlearndiffatk", [asdict(gen), asdict(config.uda)]),
+                                        folders.axis("unlearndiffatk", [*plain_key, asdict(config.uda)]),
                                         config.uda, gen, res.device, info, original_image_dir=base_plain,
                                         original_model_info=MethodSpec("base").model_info(), plain_image_dir=plain,
                                         generate=res.generate, progress=progress, shard=res.shard)
@@ -360,7 +372,8 @@ def evaluate_robustness(components: SDComponents, method: MethodSpec, config: Ev
 
 def _run_cce(components, method, config, res, folders, progress):
     """Learn the CCE token (rank 0 first; the other ranks then load its file) and attack."""
-    folder = folders.axis("cce", [config.cce.to_json(), asdict(config.generation), config.cce_images])
+    folder = folders.axis("cce", [config.cce.to_json(), asdict(config.generation), _file_id(config.cce_images),
+                                  config.cce_replace_word and _file_id(config.prompts)])
     if res.shard.distributed and not res.shard.is_main:
         barrier(res.shard)  # rank 0 learns the token
     token = learn_cce_token(components, res.inputs["cce_images"], folder, config.cce, res.device,
@@ -376,7 +389,7 @@ def evaluate_utility(components: SDComponents, method: MethodSpec, config: EvalC
                      folders: MethodFolders) -> dict[str, Any]:
     """CLIP score and FID of the COCO images (SPEC 5)."""
     jobs: list[PromptJob] = res.inputs["coco"]
-    folder = folders.axis("coco", asdict(config.generation))
+    folder = folders.axis("coco", [asdict(config.generation), _file_id(config.coco_prompts)])
     paths = res.generate(components, jobs, folder, config.generation, res.device, method.model_info())
     out: dict[str, Any] = {"image_dir": str(folder), "n_images": len(paths)}
     per_image = []
@@ -396,7 +409,7 @@ def evaluate_utility(components: SDComponents, method: MethodSpec, config: EvalC
 def evaluate_care(components: SDComponents, method: MethodSpec, config: EvalConfig, res: Resources,
                   folders: MethodFolders) -> dict[str, Any]:
     """CARE score (SPEC 5) of the CARE prompts."""
-    folder = folders.axis("care", asdict(config.care))
+    folder = folders.axis("care", [asdict(config.care), list(res.inputs["care"])])
     if res.shard.distributed:  # make the images sharded; evaluate_care_score then finds them all
         from recare.prompts import jobs_for_prompts
 
