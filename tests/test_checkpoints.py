@@ -100,3 +100,48 @@ def test_learned_embeddings_load_in_diffusers(tiny_sd, tmp_path):
     pipe.load_textual_inversion(str(tmp_path / "learned.safetensors"))
     token_id = pipe.tokenizer.convert_tokens_to_ids("<c>")
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], torch.ones(width))
+
+
+def test_text_encoder_weights_replace_strictly(tiny_sd, tmp_path):
+    """A released replacement text encoder (AdvUnlearn-style) loads strictly, with or without the
+    'text_model.' key prefix, from a file or a transformers folder; another architecture is refused."""
+    from recare.checkpoints import load_text_encoder_weights
+    from recare.tiny import build_tiny_sd
+
+    other = build_tiny_sd(seed=7).text_encoder
+    state = {k: v for k, v in other.state_dict().items() if not k.endswith("position_ids")}
+    stripped = {k.removeprefix("text_model."): v for k, v in state.items()}
+    save_file(stripped, tmp_path / "te.safetensors")
+    load_text_encoder_weights(tiny_sd.text_encoder, tmp_path / "te.safetensors")
+    for name, tensor in other.state_dict().items():
+        assert torch.equal(tiny_sd.text_encoder.state_dict()[name], tensor)
+
+    other.save_pretrained(tmp_path / "folder")
+    fresh = build_tiny_sd(seed=0).text_encoder
+    load_text_encoder_weights(fresh, tmp_path / "folder")
+    assert torch.equal(fresh.get_input_embeddings().weight, other.get_input_embeddings().weight)
+
+    del stripped[next(iter(stripped))]
+    save_file(stripped, tmp_path / "partial.safetensors")
+    with pytest.raises(RecareError, match="does not match this text encoder.*missing"):
+        load_text_encoder_weights(fresh, tmp_path / "partial.safetensors")
+
+
+def test_load_sd_with_text_encoder_weights(tiny_sd_dir, tmp_path):
+    from recare.models import load_sd
+    from recare.tiny import build_tiny_sd
+
+    other = build_tiny_sd(seed=7).text_encoder
+    save_file(dict(other.state_dict()), tmp_path / "te.safetensors")
+    loaded = load_sd(tiny_sd_dir, text_encoder_weights=tmp_path / "te.safetensors")
+    assert torch.equal(loaded.text_encoder.get_input_embeddings().weight, other.get_input_embeddings().weight)
+
+
+def test_parse_method_arg_with_text_encoder():
+    from recare.evaluate import parse_method_arg
+
+    spec = parse_method_arg("AdvUnlearn=,text_encoder=/x/te.safetensors")
+    assert (spec.unet_weights, spec.learned_embeddings, spec.text_encoder_weights) == (None, (), "/x/te.safetensors")
+    assert not spec.is_base
+    spec = parse_method_arg("ReCARE=u.safetensors,e1.safetensors")
+    assert (spec.unet_weights, spec.learned_embeddings, spec.text_encoder_weights) == ("u.safetensors", ("e1.safetensors",), None)

@@ -59,23 +59,60 @@ def _read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise RecareError(f"cannot read {path} as safetensors: {err}") from err
 
 
-def load_unet_weights(unet: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load erased-UNet weights strictly; a mismatch names the missing, unexpected or reshaped keys."""
-    state, metadata = _read_state_dict(path)
-    own = unet.state_dict()
+def _copy_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                 what: str, full: bool = True) -> None:
+    """Copy `state` into `module`; a mismatch raises RecareError naming missing, unexpected or reshaped keys."""
+    own = module.state_dict()
     unexpected = sorted(set(state) - set(own))
     reshaped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
-    missing = sorted(set(own) - set(state)) if metadata.get("recare_params", "full") == "full" else []
+    missing = sorted(set(own) - set(state)) if full else []
     if unexpected or reshaped or missing:
         parts = []
         for label, keys in (("unexpected", unexpected), ("wrong shape", reshaped), ("missing", missing)):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-        raise RecareError(f"checkpoint {path} does not match this UNet: " + "; ".join(parts))
+        raise RecareError(f"checkpoint {path} does not match this {what}: " + "; ".join(parts))
     with torch.no_grad():
         for name, tensor in state.items():
             own[name].copy_(tensor.to(own[name].dtype))
-    logger.info("loaded %d UNet tensors from %s", len(state), path)
+    logger.info("loaded %d %s tensors from %s", len(state), what, path)
+
+
+def load_unet_weights(unet: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load erased-UNet weights strictly; a mismatch names the missing, unexpected or reshaped keys."""
+    state, metadata = _read_state_dict(path)
+    _copy_strict(unet, state, path, "UNet", full=metadata.get("recare_params", "full") == "full")
+
+
+def load_text_encoder_weights(text_encoder: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a whole replacement text encoder strictly (e.g. AdvUnlearn's released CLIP text encoder).
+
+    `path` is a state-dict file (.safetensors, or .pt/.bin read with weights_only=True), a
+    transformers CLIPTextModel folder (model.safetensors), or a diffusers pipeline folder
+    (text_encoder/model.safetensors). Keys with or without the "text_model." prefix are accepted
+    (transformers 4 and 5 save them differently); every parameter must be present.
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "model.safetensors", path / "text_encoder" / "model.safetensors"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise RecareError(f"no model.safetensors in {path} or {path / 'text_encoder'}")
+        path = found
+    state, _ = _read_state_dict(path)
+    own = text_encoder.state_dict()
+    prefix = "text_model."
+    if not any(k in own for k in state):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+        else:
+            state = {prefix + k: v for k, v in state.items()}
+    # position_ids is a buffer some versions save and others do not: take ours when it is absent.
+    state = dict(state)
+    for name in own:
+        if name.endswith("position_ids") and name not in state:
+            state[name] = own[name]
+    _copy_strict(text_encoder, state, path, "text encoder")
 
 
 def save_unet_weights(unet: torch.nn.Module, path: str | os.PathLike, names: list[str] | None = None,

@@ -43,6 +43,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--unet-weights", default=None, help="erased-UNet weights (.safetensors) loaded strictly")
     group.add_argument("--learned-embeddings", nargs="*", default=[], metavar="FILE",
                        help="textual-inversion .safetensors files whose tokens are added")
+    group.add_argument("--text-encoder-weights", default=None,
+                       help="replacement text encoder (file or folder, e.g. AdvUnlearn's), loaded strictly")
     group.add_argument("--device", default=default_device(), help="torch device")
     group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                        help="weights dtype; auto = fp16 on CUDA, fp32 on CPU")
@@ -52,11 +54,13 @@ def _load_sd_from_args(args: argparse.Namespace):
     from recare.models import load_sd
 
     return load_sd(args.model, revision=args.revision, dtype=_resolve_dtype(args.dtype, args.device),
-                   device=args.device, unet_weights=args.unet_weights, learned_embeddings=args.learned_embeddings)
+                   device=args.device, unet_weights=args.unet_weights, learned_embeddings=args.learned_embeddings,
+                   text_encoder_weights=args.text_encoder_weights)
 
 
 def _model_info(args: argparse.Namespace) -> dict:
-    return {"unet_weights": args.unet_weights, "learned_embeddings": list(args.learned_embeddings)}
+    return {"unet_weights": args.unet_weights, "learned_embeddings": list(args.learned_embeddings),
+            "text_encoder_weights": args.text_encoder_weights}
 
 
 def _add_clip_args(parser: argparse.ArgumentParser) -> None:

@@ -75,6 +75,8 @@ def _add_model_group(p: argparse.ArgumentParser, single: bool) -> None:
         g.add_argument("--unet-weights", default=None, help="erased-UNet weights (.safetensors) of the attacked model")
         g.add_argument("--learned-embeddings", nargs="*", default=[], metavar="FILE",
                        help="textual-inversion files of the attacked model")
+        g.add_argument("--text-encoder-weights", default=None,
+                       help="replacement text encoder of the attacked model (e.g. AdvUnlearn's), loaded strictly")
     g.add_argument("--device", default=default_device(), help="torch device")
     g.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights dtype (default auto: fp16 on CUDA, fp32 on CPU)")
@@ -196,7 +198,7 @@ def run_eval_robustness(args: argparse.Namespace) -> int:
     from recare.io import write_json_atomic
 
     config = eval_config_from(None, _overrides(args, [args.attack]))
-    method = MethodSpec("attacked", args.unet_weights, tuple(args.learned_embeddings))
+    method = MethodSpec("attacked", args.unet_weights, tuple(args.learned_embeddings), args.text_encoder_weights)
     work_dir = args.work_dir or args.out.with_name(args.out.stem + "_images")
     shard, device = _shard(args.device)
     report = evaluate_robustness_of(config, method, work_dir, device=device, shard=shard)

@@ -111,24 +111,34 @@ class MethodSpec:
     name: str  # row name in the report, e.g. 'ReCARE'
     unet_weights: str | None = None  # erased-UNet safetensors (None: the base UNet)
     learned_embeddings: tuple[str, ...] = ()  # textual-inversion files whose tokens are added
+    text_encoder_weights: str | None = None  # replacement text encoder (e.g. AdvUnlearn's); None: the base one
 
     @property
     def is_base(self) -> bool:
-        return self.unet_weights is None and not self.learned_embeddings
+        return self.unet_weights is None and not self.learned_embeddings and self.text_encoder_weights is None
 
     def model_info(self) -> dict[str, Any]:
         """What identifies the weights in image manifests (the method name is NOT part of it)."""
-        return {"unet_weights": self.unet_weights, "learned_embeddings": list(self.learned_embeddings)}
+        info = {"unet_weights": self.unet_weights, "learned_embeddings": list(self.learned_embeddings)}
+        if self.text_encoder_weights is not None:
+            info["text_encoder_weights"] = self.text_encoder_weights
+        return info
 
 
 def parse_method_arg(text: str) -> MethodSpec:
-    """'NAME=unet_weights[,embeds.safetensors,...]' -> MethodSpec; 'NAME=,embeds.safetensors' keeps the
-    base UNet and adds learned tokens."""
+    """'NAME=unet_weights[,embeds.safetensors,...][,text_encoder=PATH]' -> MethodSpec.
+
+    'NAME=,embeds.safetensors' keeps the base UNet and adds learned tokens;
+    'NAME=,text_encoder=PATH' evaluates a replaced text encoder (e.g. AdvUnlearn's)."""
     name, sep, files = text.partition("=")
     if not sep or not name.strip():
-        raise RecareError(f"--method must be NAME=unet_weights[,embeddings...], got {text!r}")
+        raise RecareError(f"--method must be NAME=unet_weights[,embeddings...][,text_encoder=PATH], got {text!r}")
     first, *rest = [p.strip() for p in files.split(",")]
-    return MethodSpec(name.strip(), first or None, tuple(p for p in rest if p))
+    encoders = [p.partition("=")[2] for p in rest if p.startswith("text_encoder=")]
+    if len(encoders) > 1:
+        raise RecareError(f"--method {text!r} names more than one text_encoder=")
+    embeds = tuple(p for p in rest if p and not p.startswith("text_encoder="))
+    return MethodSpec(name.strip(), first or None, embeds, encoders[0] if encoders else None)
 
 
 def check_methods(methods: Sequence[MethodSpec]) -> None:
@@ -138,7 +148,7 @@ def check_methods(methods: Sequence[MethodSpec]) -> None:
     if repeated:
         raise RecareError(f"method names used more than once: {repeated}")
     for method in methods:
-        for path in [method.unet_weights, *method.learned_embeddings]:
+        for path in [method.unet_weights, *method.learned_embeddings, method.text_encoder_weights]:
             if path is not None and not Path(path).exists():
                 raise RecareError(f"method {method.name!r}: file not found: {path}")
 
@@ -544,7 +554,8 @@ def evaluate_all(config: EvalConfig, methods: Sequence[MethodSpec], out_dir: str
     for method in methods:
         components = load_sd(config.model, revision=config.revision, dtype=_dtype(config.dtype, device),
                               device=device, unet_weights=method.unet_weights,
-                              learned_embeddings=list(method.learned_embeddings))
+                              learned_embeddings=list(method.learned_embeddings),
+                              text_encoder_weights=method.text_encoder_weights)
         entries.append(evaluate_method(components, method, config, res,
                                        method_folders(method, config, out_dir, cache_dir), progress))
         del components
@@ -583,7 +594,8 @@ def evaluate_robustness_of(config: EvalConfig, method: MethodSpec, work_dir: str
     if not method.is_base:
         components = load_sd(config.model, revision=config.revision, dtype=_dtype(config.dtype, device),
                              device=device, unet_weights=method.unet_weights,
-                             learned_embeddings=list(method.learned_embeddings))
+                             learned_embeddings=list(method.learned_embeddings),
+                              text_encoder_weights=method.text_encoder_weights)
         folders = MethodFolders(work_dir / "attacked")
     attacks = evaluate_robustness(components, method, config, res, folders, progress)
     return {"format": "recare-robustness/1", "notes": list(config.notes) + model_scale_notes(components,

@@ -132,6 +132,7 @@ def load_sd(
     device: str | torch.device = "cpu",
     unet_weights: str | os.PathLike | None = None,
     learned_embeddings: Sequence[str | os.PathLike] = (),
+    text_encoder_weights: str | os.PathLike | None = None,
 ) -> SDComponents:
     """Load tokenizer, text encoder, VAE, UNet and scheduler of a diffusers SD 1.x/2.x model.
 
@@ -142,6 +143,7 @@ def load_sd(
         device: where the networks go.
         unet_weights: optional erased-UNet weights (safetensors), loaded strictly.
         learned_embeddings: textual-inversion files whose tokens are added to the tokenizer.
+        text_encoder_weights: optional replacement text-encoder weights (e.g. AdvUnlearn's), strict.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -167,6 +169,10 @@ def load_sd(
         from recare.checkpoints import load_unet_weights
 
         load_unet_weights(unet, unet_weights)
+    if text_encoder_weights is not None:
+        from recare.checkpoints import load_text_encoder_weights
+
+        load_text_encoder_weights(text_encoder, text_encoder_weights)
     for path in learned_embeddings:
         from recare.checkpoints import load_learned_embeddings
 
