@@ -76,3 +76,24 @@ def cli_error(capsys):
         return err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Four random 32x32 target images as PNG files (the tiny SD's image size), sorted."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("target-images")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    return sorted(folder.glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def careset():
+    """A hand-made nudity CARE-set (anchors 'A person', ...; retain 'A photo of person', ...)."""
+    from recare.careset import CareSet
+
+    return CareSet.from_words("nudity", ["person", "woman", "man"], concept_type="nudity")

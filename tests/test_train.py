@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from recare import train as train_module
@@ -29,20 +28,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "src" / "recare" / "configs"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("target-images")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
-    return sorted(folder.glob("*.png"))
-
-
-@pytest.fixture(scope="module")
-def careset():
-    return CareSet.from_words("nudity", ["person", "woman", "man"], concept_type="nudity")
 
 
 def tiny_config(**overrides) -> TrainConfig:

@@ -8,12 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from recare import train as train_module
-from recare.careset import CareSet
 from recare.errors import RecareError
 from recare.inversion import InversionConfig
 from recare.models import load_sd
@@ -133,20 +131,6 @@ def test_merged_weights_are_w_plus_scaled_b_a(tiny_sd):
 
 
 # ----------------------------------------------------------------------------- a tiny LoRA ReCARE run
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lora-images")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
-    return sorted(folder.glob("*.png"))
-
-
-@pytest.fixture(scope="module")
-def careset():
-    return CareSet.from_words("nudity", ["person", "woman", "man"], concept_type="nudity")
 
 
 @pytest.fixture(scope="module")

@@ -147,8 +147,6 @@ def add_eval_robustness(sub) -> None:
 
 
 def add_eval_all(sub) -> None:
-    from recare.cli import Formatter
-
     p = sub.add_parser("all", formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="several models on every axis: ASR, CLIP, FID, CARE, RATIO; reports and grids",
                        description="Settings: EvalConfig defaults (SPEC 5), then --spec FILE (TOML/JSON: EvalConfig "
