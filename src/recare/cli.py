@@ -448,10 +448,38 @@ def _run_run(args: argparse.Namespace) -> int:
 
 
 
+# ----------------------------------------------------------------------------- synthetic
+
+
+def _add_synthetic(sub) -> None:
+    p = sub.add_parser("synthetic", help="the synthetic world: train its CLIP, text-to-image model and detectors")
+    synthetic_sub = p.add_subparsers(dest="synthetic_command", required=True, metavar="{build}")
+    b = synthetic_sub.add_parser("build", formatter_class=Formatter,
+                                 help="train the world's detector, CLIP and T2I model from a seed")
+    b.add_argument("--out", type=Path, required=True, help="output folder (clip/, sd/, detector/, build_report.json)")
+    b.add_argument("--seed", type=int, default=0, help="base seed of every training run")
+    b.add_argument("--fast", action="store_true", help="a few steps of everything (smoke test; untrained models)")
+    b.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    b.set_defaults(run=_run_synthetic_build)
+
+
+def _run_synthetic_build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from recare.world.build import BuildConfig, build_world, format_summary
+
+    config = BuildConfig.fast(args.seed) if args.fast else BuildConfig(seed=args.seed)
+    report = build_world(args.out, replace(config, threads=args.threads), overwrite=args.overwrite)
+    print(format_summary(report))
+    print(f"world written to {args.out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
-COMMANDS: tuple[Callable, ...] = (_add_generate, _add_careset, _add_eval, _add_train, _add_run)
+COMMANDS: tuple[Callable, ...] = (_add_generate, _add_careset, _add_eval, _add_train, _add_run, _add_synthetic)
 
 
 def build_parser() -> argparse.ArgumentParser:
