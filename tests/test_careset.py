@@ -258,6 +258,11 @@ def test_reference_layout_photo_file(tmp_path):
     ({"nudity_care_word": [], "nudity_care_word_photo": []}, "'nudity_care_word' is an empty list"),
 ])
 def test_malformed_reference_layout(tmp_path, data, message):
+    _assert_load_error(tmp_path, data, message)
+
+
+def _assert_load_error(tmp_path, data, message):
+    """CareSet.load of `data` raises RecareError matching `message` and naming the file."""
     path = tmp_path / "careset.json"
     path.write_text(json.dumps(data))
     with pytest.raises(RecareError, match=message) as info:
@@ -291,11 +296,7 @@ def _set(key, value):
 def test_malformed_recare_file_names_the_problem(tmp_path, edit, message):
     data = _small_careset().to_dict()
     edit(data)
-    path = tmp_path / "careset.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(RecareError, match=message) as info:
-        CareSet.load(path)
-    assert str(path) in str(info.value)
+    _assert_load_error(tmp_path, data, message)
 
 
 def test_unreadable_careset_files(tmp_path):

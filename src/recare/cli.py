@@ -23,6 +23,11 @@ logger = logging.getLogger("recare")
 Formatter = argparse.ArgumentDefaultsHelpFormatter
 
 
+def echo(text: str) -> None:
+    """Write one line of command output to stdout (library code logs instead; see STYLE)."""
+    print(text)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -203,12 +203,14 @@ def run_eval_robustness(args: argparse.Namespace) -> int:
     if not shard.is_main:
         return 0
     write_json_atomic(args.out, report)
+    from recare.cli import echo
+
     for note in report["notes"]:
-        print(f"NOTE: {note}")
+        echo(f"NOTE: {note}")
     for name, result in report["attacks"].items():
-        print(f"{name}: ASR {result['asr']:.2f}% ({result['successes']}/{result['n']}, "
+        echo(f"{name}: ASR {result['asr']:.2f}% ({result['successes']}/{result['n']}, "
               f"95% CI [{result['ci_low']:.1f}, {result['ci_high']:.1f}])")
-    print(f"robustness report written to {args.out}")
+    echo(f"robustness report written to {args.out}")
     return 0
 
 
@@ -225,11 +227,13 @@ def run_eval_all(args: argparse.Namespace) -> int:
     results = evaluate_all(config, methods, args.out, device=device, cache_dir=args.cache_dir, shard=shard)
     if not shard.is_main:
         return 0
+    from recare.cli import echo
+
     for note in results["notes"]:
-        print(f"NOTE: {note}")
+        echo(f"NOTE: {note}")
     header, rows = results_table(results)
-    print(" | ".join(header))
+    echo(" | ".join(header))
     for row in rows:
-        print(" | ".join(row))
-    print(f"reports written to {args.out} (report.md, report.html, results.json)")
+        echo(" | ".join(row))
+    echo(f"reports written to {args.out} (report.md, report.html, results.json)")
     return 0
