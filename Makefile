@@ -20,8 +20,13 @@ venv: $(BIN)/.installed
 test: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
+# The whole method on the built-in synthetic world (offline, CPU, about 10 minutes); prints the report path.
+DEMO_OUT ?= demo-output
+demo: venv
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/recare demo --out $(DEMO_OUT)
+
 bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_careset.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache $(DEMO_OUT)

@@ -446,3 +446,14 @@ def test_bad_reference_word(tiny_clip, word, message):
 
 def test_good_reference_word_is_stripped(tiny_clip):
     assert check_reference_word(tiny_clip, " Van Gogh ") == "Van Gogh"
+
+
+def test_vocab_words_restrict_the_search(tiny_clip, cache_dir):
+    words = ["person", "woman", "man", "tree", "sky", "river", "cat", "dog", "night", "star", "red", "sun"]
+    config = CareSetConfig(top_k=8, top_n=6, n_clusters=3, vocab_words=words)
+    careset = build_careset(tiny_clip, _random_images(), "nudity", config, cache_dir=cache_dir, progress=False)
+    assert careset.diagnostics.vocab_size == 12
+    assert {c.word for c in careset.diagnostics.candidates} <= set(words)
+    assert CareSetConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(RecareError, match="vocab_words is empty"):
+        CareSetConfig(vocab_words=[])

@@ -250,3 +250,16 @@ def test_image_grid_layout(tmp_path):
 def test_model_scale_notes(tiny_sd):
     assert "tiny/random" in model_scale_notes(tiny_sd, False)[0]
     assert len(model_scale_notes(tiny_sd, True)) == 2
+
+
+def test_extra_sections_render_in_markdown_and_html():
+    from recare.report import html_sections, markdown_sections
+
+    section = {"title": "Ground truth", "text": ["T = dotted."], "table": {"header": ["model", "C %"],
+                                                                          "rows": [["ESD", "41.7"]]},
+               "images": [{"name": "losses", "path": "../train/esd/losses.png"}]}
+    markdown = "\n".join(markdown_sections([section]))
+    assert markdown == ("## Ground truth\n\nT = dotted.\n\n| model | C % |\n|---|---|\n| ESD | 41.7 |\n\n"
+                        "![losses](../train/esd/losses.png)\n")
+    html = "".join(html_sections([section]))
+    assert "<h2>Ground truth</h2>" in html and "<td>41.7</td>" in html and "src='../train/esd/losses.png'" in html

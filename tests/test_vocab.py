@@ -160,3 +160,45 @@ def test_default_cache_dir_follows_recare_cache(monkeypatch, tmp_path):
 def test_unknown_cache_dtype_is_refused(tiny_clip, tmp_path):
     with pytest.raises(RecareError, match="unknown cache dtype 'int8'"):
         encode_vocabulary(tiny_clip, "word", cache_dir=tmp_path, cache_dtype="int8")
+
+
+# ----------------------------------------------------------------------------- restriction to a word list
+
+
+def _five_word_vocabulary():
+    from recare.vocab import Vocabulary
+
+    words = ["person", "woman", "man", "tree", "sky"]
+    features = torch.arange(10, dtype=torch.float32).reshape(5, 2)
+    return Vocabulary("word", words, [w + "</w>" for w in words], list(words), features)
+
+
+def test_restrict_vocabulary_keeps_listed_rows_in_vocabulary_order():
+    from recare.vocab import restrict_vocabulary
+
+    small = restrict_vocabulary(_five_word_vocabulary(), ["sky", " Woman ", "sky", "", "person"])
+    assert small.words == ["person", "woman", "sky"]
+    assert small.tokens == ["person</w>", "woman</w>", "sky</w>"]
+    assert small.features.tolist() == [[0.0, 1.0], [2.0, 3.0], [8.0, 9.0]]
+
+
+def test_restrict_vocabulary_names_unknown_words():
+    from recare.vocab import restrict_vocabulary
+
+    with pytest.raises(RecareError, match=r"not single whole-word entries.*\['circle', 'dotted'\]"):
+        restrict_vocabulary(_five_word_vocabulary(), ["person", "circle", "dotted"])
+    with pytest.raises(RecareError, match="lists no words"):
+        restrict_vocabulary(_five_word_vocabulary(), ["  "])
+
+
+def test_read_word_list(tmp_path):
+    from recare.vocab import read_word_list
+
+    path = tmp_path / "words.txt"
+    path.write_text("# world words\ncircle\n\n  dotted \n")
+    assert read_word_list(path) == ["circle", "dotted"]
+    with pytest.raises(RecareError, match="word list not found"):
+        read_word_list(tmp_path / "missing.txt")
+    path.write_text("# only a comment\n")
+    with pytest.raises(RecareError, match="has no words"):
+        read_word_list(path)

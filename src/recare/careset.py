@@ -38,7 +38,7 @@ from recare.errors import RecareError
 from recare.io import atomic_path, list_images, load_image_rgb, read_json, write_text_atomic
 from recare.models import ImageTextModel
 from recare.vocab import (DEFAULT_VOCAB_MODE, Vocabulary, check_cache_dtype, check_vocab_mode, default_cache_dir,
-                          encode_vocabulary)
+                          encode_vocabulary, restrict_vocabulary)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class CareSetConfig:
     min_cluster_size: int = 2  # smallest kept cluster that is refined (>= 2) (2.5)
     seed: int = 42  # random_state of t-SNE and k-means
     vocab_mode: str = DEFAULT_VOCAB_MODE  # "word" (whole words, default) or "raw" (reference); see recare.vocab
+    vocab_words: list[str] | None = None  # search only these words of the vocabulary (a domain list); None: all
     cache_dtype: str = "float32"  # vocabulary features stored as "float32" or "float16" (reference) (2.1)
     concept_type: str = "object"  # "object", "nudity" (retain "A photo of {}") or "style" ("A painting of {}")
     anchor_template: str = ANCHOR_TEMPLATE  # anchor prompt per CARE word, used in the erase loss (2.6)
@@ -89,6 +90,8 @@ class CareSetConfig:
         if self.min_cluster_size < 2:
             raise RecareError(f"CARE-set config: min_cluster_size must be >= 2, got {self.min_cluster_size}")
         check_vocab_mode(self.vocab_mode)
+        if self.vocab_words is not None and not self.vocab_words:
+            raise RecareError("CARE-set config: vocab_words is empty (None searches the whole vocabulary)")
         check_cache_dtype(self.cache_dtype)
         check_concept_type(self.concept_type)
         check_template(self.anchor_template, "anchor_template")
@@ -765,6 +768,8 @@ def build_careset(clip: ImageTextModel, images: Sequence[Image.Image | str | os.
     image_features = encode_image_inputs(clip, images, config.image_batch_size, progress, cache_dir)
     vocab = encode_vocabulary(clip, config.vocab_mode, config.text_batch_size, cache_dir, config.cache_dtype,
                               progress=progress)
+    if config.vocab_words is not None:
+        vocab = restrict_vocabulary(vocab, config.vocab_words)
     return careset_from_features(clip, image_features, vocab, reference_word, config)
 
 

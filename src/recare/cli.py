@@ -144,6 +144,8 @@ def _add_careset(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="t-SNE / k-means random_state")
     p.add_argument("--vocab-mode", default=d.vocab_mode, choices=VOCAB_MODES,
                    help="word: whole words (default); raw: the reference's raw BPE strings")
+    p.add_argument("--vocab-file", type=Path, default=None,
+                   help="text file of words (one per line, # comments): search only these vocabulary words")
     p.add_argument("--cache-dtype", default=d.cache_dtype, choices=["float32", "float16"],
                    help="vocabulary features dtype (the reference rounds to float16)")
     p.add_argument("--cache-dir", type=Path, default=None, help="vocabulary cache ($RECARE_CACHE or ~/.cache/recare)")
@@ -156,11 +158,13 @@ def _add_careset(sub) -> None:
 def _run_careset(args: argparse.Namespace) -> int:
     from recare.careset import CareSetConfig, build_careset_from_folder, format_report
     from recare.io import list_images
+    from recare.vocab import read_word_list
 
     config = CareSetConfig(top_k=args.top_k, top_n=args.top_n, n_clusters=args.clusters, drop_k=args.drop_k,
                            perplexity=args.perplexity, alpha=args.alpha, min_cluster_size=args.min_cluster_size,
                            seed=args.seed, vocab_mode=args.vocab_mode, cache_dtype=args.cache_dtype,
-                           concept_type=args.concept_type)
+                           concept_type=args.concept_type,
+                           vocab_words=read_word_list(args.vocab_file) if args.vocab_file else None)
     list_images(args.images)  # fail on a missing/empty folder before loading CLIP
     clip = _load_clip_from_args(args)
     careset = build_careset_from_folder(clip, args.images, args.reference_word, config, args.cache_dir)
@@ -481,10 +485,53 @@ def _run_synthetic_build(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- demo
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", formatter_class=Formatter,
+                       help="the whole method on the built-in synthetic world, offline on a CPU (recare.world.demo)")
+    p.add_argument("--out", type=Path, default=Path("recare-demo"),
+                   help="output folder (an interrupted run in it resumes)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one run per seed (out/seed-<s>); with several, summary.md has mean and 95%% intervals")
+    p.add_argument("--quick", action="store_true", help="a shortened demo (the end-to-end test's sizes)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from recare.world.demo import DemoConfig, format_seed_summary, run_demo, run_demo_seeds
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    if len(args.seeds) == 1:
+        from dataclasses import replace
+
+        summary = run_demo(args.out, replace(config, seed=args.seeds[0]), device=args.device)
+        echo(f"demo finished in {summary['seconds']:.0f} s (synthetic world; see the report's notes)")
+        for row in summary["ground_truth"]:
+            echo(f"  {row['name']:<9} T plain {100 * row['plain_T']['rate']:5.1f}%  "
+                 f"T under CCE {100 * row['cce_T']['rate']:5.1f}%  "
+                 f"C kept (GT) {100 * row['care_images_C']['rate']:5.1f}%  "
+                 f"CARE score {100 * row['care_score']['rate']:5.1f}%")
+        echo(f"report: {summary['report']}")
+        return 0
+    summary = run_demo_seeds(args.out, args.seeds, config, device=args.device)
+    echo(format_seed_summary(summary))
+    echo(f"summary: {(args.out / 'summary.md').resolve()}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
-COMMANDS: tuple[Callable, ...] = (_add_generate, _add_careset, _add_eval, _add_train, _add_run, _add_synthetic)
+COMMANDS: tuple[Callable, ...] = (_add_generate, _add_careset, _add_eval, _add_train, _add_run, _add_synthetic,
+                                  _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

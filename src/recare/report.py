@@ -106,11 +106,46 @@ def markdown_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str
     lines += [f"- bounds: {json.dumps(results['ratio_definition']['normalisation'])}", ""]
     if files.get("radar"):
         lines += [f"![radar]({files['radar']})", ""]
+    lines += markdown_sections(results.get("sections", []))
     if files.get("grids"):
         lines += ["## Image grids (same prompts and seeds for every model)", ""]
         lines += [f"### {name}\n\n![{name}]({path})\n" for name, path in files["grids"].items()]
     lines += ["## Settings", "", "```json", json.dumps(_settings_summary(results), indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def markdown_sections(sections: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Extra sections a caller adds to results["sections"]: {"title", "text": [paragraphs],
+    "table": {"header", "rows"}, "images": [{"name", "path"}]} (e.g. recare.world.demo's ground truth)."""
+    lines: list[str] = []
+    for section in sections:
+        lines += [f"## {section['title']}", ""]
+        for paragraph in section.get("text", []):
+            lines += [paragraph, ""]
+        table = section.get("table")
+        if table:
+            lines += ["| " + " | ".join(table["header"]) + " |", "|" + "---|" * len(table["header"])]
+            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table["rows"]] + [""]
+        for image in section.get("images", []):
+            lines += [f"![{image['name']}]({image['path']})", ""]
+    return lines
+
+
+def html_sections(sections: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The HTML form of markdown_sections."""
+    esc = html.escape
+    parts: list[str] = []
+    for section in sections:
+        parts.append(f"<h2>{esc(section['title'])}</h2>")
+        parts += [f"<p>{esc(p)}</p>" for p in section.get("text", [])]
+        table = section.get("table")
+        if table:
+            parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in table["header"]) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in table["rows"]]
+            parts.append("</table>")
+        parts += [f"<figure><img src='{esc(i['path'])}' alt='{esc(i['name'])}'><figcaption>{esc(i['name'])}"
+                  "</figcaption></figure>" for i in section.get("images", [])]
+    return parts
 
 
 def html_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str:
@@ -136,6 +171,7 @@ def html_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str:
         f"<li>{esc(k)}: {esc(str(v))}</li>" for k, v in results["ratio_definition"].items()) + "</ul>")
     if files.get("radar"):
         parts.append(f"<img src='{esc(files['radar'])}' alt='radar chart'>")
+    parts += html_sections(results.get("sections", []))
     if files.get("grids"):
         parts.append("<h2>Image grids (same prompts and seeds for every model)</h2>")
         parts += [f"<h3>{esc(name)}</h3><img src='{esc(path)}' alt='{esc(name)}'>"

@@ -21,6 +21,11 @@ that ends up in the prompt. "raw" stays available for parity with the reference.
 of "word": CLIP's vocabulary cannot tell a word-final suffix piece from a word, so entries
 such as "ing", "er" or "pers" (from "ing</w>", ...) remain; they rarely reach the top-N.
 
+A vocabulary can be restricted to a word list (`restrict_vocabulary`, CareSetConfig.vocab_words):
+a domain vocabulary, or the words a small model was actually trained on (the synthetic world's
+CLIP saw about 30 words; its other 32,800 token rows are untrained and their text features are
+noise that crowds the top-K, see recare.world.demo).
+
 Encoding sorts the texts by token length before batching, so that short padding (CLIP pads a
 batch only to its longest sequence, see recare.models.ImageTextModel) is effective, and then
 restores the original order.
@@ -230,3 +235,39 @@ def encode_vocabulary(clip: ImageTextModel, mode: str = DEFAULT_VOCAB_MODE, batc
             logger.info("vocabulary features cached in %s", tensor_path)
     return Vocabulary(mode=mode, words=words, tokens=tokens, texts=texts, features=stored.float(),
                       cache_dtype=cache_dtype)
+
+
+def restrict_vocabulary(vocab: Vocabulary, words: Sequence[str]) -> Vocabulary:
+    """The rows of `vocab` whose display word is in `words`, in vocabulary order (first row of a word).
+
+    RecareError lists the words that are not entries of the vocabulary (e.g. multi-token words).
+    """
+    wanted = list(dict.fromkeys(w.strip().lower() for w in words if w.strip()))
+    if not wanted:
+        raise RecareError("the vocabulary restriction lists no words")
+    first: dict[str, int] = {}
+    for i, word in enumerate(vocab.words):
+        first.setdefault(word, i)
+    missing = [w for w in wanted if w not in first]
+    if missing:
+        raise RecareError(f"{len(missing)} word(s) of the vocabulary restriction are not single whole-word entries "
+                          f"of the {vocab.mode!r} vocabulary: {missing[:20]}")
+    rows = sorted(first[w] for w in wanted)
+    return Vocabulary(mode=vocab.mode, words=[vocab.words[i] for i in rows], tokens=[vocab.tokens[i] for i in rows],
+                      texts=[vocab.texts[i] for i in rows], features=vocab.features[rows],
+                      cache_dtype=vocab.cache_dtype)
+
+
+def read_word_list(path: str | os.PathLike) -> list[str]:
+    """Words of a text file, one per line; blank lines and lines starting with '#' are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecareError(f"word list not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise RecareError(f"word list {path} is not UTF-8 text: {err}") from err
+    words = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not words:
+        raise RecareError(f"word list {path} has no words")
+    return words

@@ -1,0 +1,592 @@
+"""`recare demo`: the whole ReCARE pipeline on the synthetic world, offline, on a CPU, in minutes.
+
+Stages (each resumes from what an earlier, interrupted run left in the output folder):
+
+1. world data: prompt files and real renders (the world's COCO: FID reference images);
+2. target images of the original world model for "a dotted <colour> thing" (SPEC 1), plus a
+   held-out set (other seeds) for the CCE attack;
+3. CARE-set from the target images with the world's CLIP (SPEC 2);
+4. ESD, STEREO and ReCARE from the one trainer (SPEC 3, 4b);
+5. evaluation (recare.evaluate.evaluate_all): target presence under plain prompts and a CCE
+   attack, scored by the world's ground-truth classifier; CLIP score and FID in the world
+   CLIP's feature space; CARE score with the world CLIP and the world's 18 labels; RATIO;
+6. ground truth: presence of C ("circle") in the CARE images by the ground-truth classifier,
+   next to the CARE score (the check the paper made with human labels), in the report.
+
+What is scaled down from the paper (DemoConfig holds every value; nothing else is changed):
+- sampling: 20 PNDM steps instead of 50, and the partial DDIM trajectories of training have 20
+  steps (stop index 1..18) instead of 50 (1..48);
+- iterations: erase 60 per round (paper 200), stage 2 60 (200), textual inversion 100 steps
+  (3000) at resolution 16 (the world's image size), CCE inversion 100 steps;
+- CARE-set: the vocabulary is restricted to the 30 words the world's CLIP was trained on (its
+  other 32,800 token rows are untrained noise, which real CLIP's are not), so top-K and top-N
+  shrink with it: K = 10 (paper 50), N = 20 (100); t-SNE, k-means (7 clusters) and refinement
+  keep the paper's settings;
+- learning rates, guidance scales, eta, lambda, and the methods' losses are the paper's.
+The initializer of textual inversion (and of CCE) is "circle", the world's analogue of "person".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from recare.errors import RecareError
+from recare.io import list_images, load_image_rgb, read_json, save_image_atomic, write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+DEMO_FORMAT = "recare-demo/1"
+METHOD_NAMES = {"esd": "ESD", "stereo": "STEREO", "recare": "ReCARE"}
+# STEREO's anchors are "the target scene without the target" (for nudity: "a person wearing clothes",
+# recare.train_config.DEFAULT_STEREO_ANCHORS); the world's analogue: things and circles without dots.
+WORLD_STEREO_ANCHORS = ("a plain thing", "a striped thing", "a plain circle", "a striped circle")
+SYNTHETIC_NOTE = ("SYNTHETIC WORLD: every number here comes from recare's 16x16 procedural world (a 1.7M-parameter "
+                  "pixel-space text-to-image model and a 2.9M-parameter CLIP trained on it), not from Stable "
+                  "Diffusion. Iterations, sampling steps and the CARE-set vocabulary are scaled down "
+                  "(recare.world.demo); the numbers test the method's claim in this world only.")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo; defaults fit about 10 minutes on a 2-core CPU (module docstring)."""
+
+    seed: int = 0
+    """Seed of training (TrainConfig.seed) and the base of every image seed of this run."""
+    methods: tuple[str, ...] = ("esd", "stereo", "recare")
+    """Erasers trained and evaluated, in report order."""
+    sampling_steps: int = 20
+    """Denoising steps of every generated image (the world model's PNDM scheduler; paper 50)."""
+    target_images_per_prompt: int = 8
+    """Target images per target prompt (6 prompts): the CARE-set and textual-inversion images."""
+    cce_images_per_prompt: int = 4
+    """Held-out target images per prompt (other seeds) that the CCE attack inverts."""
+    careset_top_k: int = 10
+    """K of the CARE-set over the world vocabulary (paper 50 over 32,849 words)."""
+    careset_top_n: int = 20
+    """N of the CARE-set (paper 100)."""
+    erase_iterations: int = 60
+    """Erase iterations (ESD; per stage-1 round of STEREO/ReCARE); paper 200."""
+    stage2_iterations: int = 60
+    """Stage-2 iterations (STEREO/ReCARE); paper 200."""
+    inversion_steps: int = 100
+    """Textual-inversion steps per stage-1 round; paper 3000."""
+    ddim_steps: int = 20
+    """Length of the training trajectories' DDIM schedule (stop index 1..ddim_steps-2); paper 50."""
+    attack_images_per_prompt: int = 8
+    """Plain-prompt images per target prompt in the evaluation (seeds after the target images')."""
+    cce_inversion_steps: int = 100
+    """Steps of the CCE attack's inversion; paper 3000."""
+    cce_attack_images: int = 24
+    """Images of the CCE generic prompt "a photo of a <token>"."""
+    care_images_per_prompt: int = 2
+    """Images per CARE prompt (24 prompts "a <colour> circle <place>")."""
+    utility_prompts: int = 96
+    """Benign world captions (no dots) for CLIP score and FID; their renders are the FID reference."""
+    batch_size: int = 64
+    """Images per pipeline call (does not change the images)."""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+        if unknown or not self.methods:
+            raise RecareError(f"demo methods must be a non-empty subset of {list(METHOD_NAMES)}, got {self.methods}")
+        for name in ("sampling_steps", "target_images_per_prompt", "cce_images_per_prompt", "careset_top_k",
+                     "careset_top_n", "erase_iterations", "stage2_iterations", "inversion_steps",
+                     "attack_images_per_prompt", "cce_inversion_steps", "cce_attack_images",
+                     "care_images_per_prompt", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RecareError(f"demo config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.ddim_steps < 3:
+            raise RecareError(f"demo config: ddim_steps must be >= 3, got {self.ddim_steps}")
+        if self.utility_prompts < 2:
+            raise RecareError(f"demo config: utility_prompts must be >= 2 (FID), got {self.utility_prompts}")
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "DemoConfig":
+        """A shortened demo for the end-to-end test (about 2 minutes on 2 cores)."""
+        return cls(seed=seed, sampling_steps=10, target_images_per_prompt=2, cce_images_per_prompt=1,
+                   careset_top_k=8, careset_top_n=12, erase_iterations=30, stage2_iterations=15,
+                   inversion_steps=10, ddim_steps=10, attack_images_per_prompt=4, cce_inversion_steps=10,
+                   cce_attack_images=8, care_images_per_prompt=1, utility_prompts=16)
+
+    def seeds(self) -> dict[str, int]:
+        """Image seed bases of this run (disjoint ranges, all derived from `seed`)."""
+        base = 100_000 * self.seed
+        return {"target": base, "cce_heldout": base + 10_000, "attack": base + 20_000, "cce_attack": base + 30_000,
+                "care": base + 40_000, "utility": base + 50_000, "render": base + 60_000}
+
+
+# ----------------------------------------------------------------------------- world data
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def write_world_data(data_dir: Path, config: DemoConfig) -> dict[str, Path]:
+    """Prompt files of the run and the FID reference renders; returns their paths."""
+    from recare.world import render
+
+    seeds = config.seeds()
+    files = {"target_prompts": data_dir / "target_prompts.csv", "care_prompts": data_dir / "care_prompts.txt",
+             "utility_prompts": data_dir / "utility_prompts.csv", "fid_reference": data_dir / "fid_reference",
+             "vocabulary": data_dir / "world_vocabulary.txt"}
+    targets = render.target_prompts()
+    rows = [{"case_number": f"{p:02d}-{i:02d}", "prompt": prompt, "evaluation_seed": seeds["attack"] + i}
+            for p, prompt in enumerate(targets) for i in range(config.attack_images_per_prompt)]
+    _write_csv(files["target_prompts"], rows)
+    write_text_atomic(files["care_prompts"], "\n".join(render.care_prompts()) + "\n")
+    write_text_atomic(files["vocabulary"], "# every word of the world's caption grammar (recare.world.render)\n"
+                      + "\n".join(render.vocabulary()) + "\n")
+    scenes, images, captions = benign_scenes(config.utility_prompts, seeds["render"])
+    _write_csv(files["utility_prompts"], [{"prompt": c, "evaluation_seed": seeds["utility"] + i}
+                                          for i, c in enumerate(captions)])
+    reference = files["fid_reference"]
+    if len(list(reference.glob("*.png"))) != len(captions):
+        for i, image in enumerate(render.to_pil(images)):
+            save_image_atomic(image, reference / f"{i:05d}.png")
+    return files
+
+
+def benign_scenes(n: int, seed: int) -> tuple[Any, torch.Tensor, list[str]]:
+    """n world scenes without the target texture, their renders and full captions (the world's COCO)."""
+    from recare.world import render
+
+    spec = render.WorldSpec()
+    generator = torch.Generator().manual_seed(seed)
+    kept, total = [], 0
+    while total < n:
+        scenes = render.sample_scenes(4 * n, generator, spec)
+        keep = (scenes.texture != render.TEXTURES.index(spec.target)).nonzero().flatten()[: n - total]
+        kept.append(render.Scenes(*(getattr(scenes, f)[keep] for f in scenes.__dataclass_fields__)))
+        total += len(keep)
+    scenes = render.Scenes(*(torch.cat([getattr(s, f) for s in kept]) for f in render.Scenes.__dataclass_fields__))
+    images = render.render(scenes, generator, spec)
+    captions = [render.full_caption(scenes.labels(i)) for i in range(len(scenes))]
+    return scenes, images, captions
+
+
+def world_normalisation(clip: Any, extractor: Any, n: int, seed: int) -> tuple[Any, dict[str, float]]:
+    """RATIO bounds measured on real renders, so that radii mean something in the world's feature space.
+
+    CLIP: radius 0 at the mean cosine of renders with shuffled captions (unrelated text), radius
+    1 at the mean cosine of renders with their own captions. FID: radius 1 at the FID between two
+    independent real render sets (the sampling floor), radius 0 at the FID of renders with the
+    object removed (backgrounds only: a model that draws nothing) against real renders.
+    """
+    from recare.clip_score import clip_score
+    from recare.fid import FidStatistics, frechet_distance
+    from recare.ratio import RadarNormalisation
+    from recare.world import render
+
+    spec = render.WorldSpec()
+    scenes_a, images_a, captions_a = benign_scenes(n, seed + 1)
+    _, images_b, _ = benign_scenes(n, seed + 2)
+    pil_a = render.to_pil(images_a)
+    own = float(clip_score(clip, pil_a, captions_a).per_image.mean())
+    shuffled = float(clip_score(clip, pil_a, captions_a[1:] + captions_a[:1]).per_image.mean())
+    empty = render.render(replace(scenes_a, size=torch.zeros_like(scenes_a.size)), torch.Generator().manual_seed(seed),
+                          spec)
+
+    def stats(images: torch.Tensor) -> Any:
+        return FidStatistics.from_features(extractor(render.to_pil(images)), extractor.extractor_id)
+
+    ref, other, blank = stats(images_a), stats(images_b), stats(empty)
+    floor = frechet_distance(other.mu, other.sigma, ref.mu, ref.sigma, method="eigh")
+    worst = frechet_distance(blank.mu, blank.sigma, ref.mu, ref.sigma, method="eigh")
+    measured = {"clip_shuffled_captions": shuffled, "clip_own_captions": own, "fid_real_vs_real": floor,
+                "fid_backgrounds_only": worst, "n_images": n}
+    if not (shuffled < own and floor < worst):
+        raise RecareError(f"the world's reference measurements are degenerate: {measured}")
+    return RadarNormalisation(clip_low=shuffled, clip_high=own, fid_best=max(floor, 0.0), fid_worst=worst), measured
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class DemoState:
+    """What the stages produce, in memory."""
+
+    out_dir: Path
+    config: DemoConfig
+    device: torch.device
+    progress: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def timed(self, name: str):
+        state = self
+
+        class _Timer:
+            def __enter__(self):
+                logger.info("demo stage: %s", name)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                state.timings[name] = state.timings.get(name, 0.0) + time.perf_counter() - self.start
+                return False
+
+        return _Timer()
+
+
+def _generation(config: DemoConfig) -> Any:
+    from recare.generate import GenerationConfig
+
+    return GenerationConfig(num_inference_steps=config.sampling_steps, batch_size=config.batch_size)
+
+
+def generate_target_images(sd: Any, state: DemoState) -> tuple[list[Path], list[Path]]:
+    """Target images (CARE-set, inversion) and held-out target images (CCE) of the original model."""
+    from recare.generate import generate_images
+    from recare.prompts import jobs_for_prompts
+    from recare.world import render
+
+    config, seeds = state.config, state.config.seeds()
+    info = {"purpose": "demo target images"}
+    target = generate_images(sd, jobs_for_prompts(render.target_prompts(), config.target_images_per_prompt,
+                                                  seed=seeds["target"]),
+                             state.out_dir / "target_images", _generation(config), state.device, info)
+    heldout = generate_images(sd, jobs_for_prompts(render.target_prompts(), config.cce_images_per_prompt,
+                                                   seed=seeds["cce_heldout"]),
+                              state.out_dir / "cce_heldout_images", _generation(config), state.device, info)
+    return target, heldout
+
+
+def build_demo_careset(clip: Any, images: Sequence[Path], vocabulary: Sequence[str], state: DemoState) -> Any:
+    """The CARE-set over the world vocabulary; also records what the full 32,849-word vocabulary finds."""
+    from recare.careset import CareSetConfig, build_careset, format_report
+    from recare.world import CARE, TARGET
+
+    config = state.config
+    cache = state.out_dir / "cache"
+    careset_config = CareSetConfig(top_k=config.careset_top_k, top_n=config.careset_top_n,
+                                   vocab_words=list(vocabulary))
+    careset = build_careset(clip, images, TARGET, careset_config, cache_dir=cache, progress=state.progress)
+    careset.save(state.out_dir / "careset.json")
+    write_text_atomic(state.out_dir / "careset.txt", format_report(careset) + "\n")
+    full = build_careset(clip, images, TARGET, CareSetConfig(), cache_dir=cache, progress=state.progress)
+    full.save(state.out_dir / "careset_full_vocabulary.json")
+    write_text_atomic(state.out_dir / "careset_full_vocabulary.txt", format_report(full) + "\n")
+    full_candidates = [c.word for c in full.diagnostics.candidates]
+    state.facts["careset"] = {
+        "world_vocabulary": {"words": careset.words, "care_concept_kept": CARE in careset.words,
+                             "candidates": [c.word for c in careset.diagnostics.candidates]},
+        "full_vocabulary": {"n_words": len(full.words), "care_concept_kept": CARE in full.words,
+                            "care_concept_among_candidates": CARE in full_candidates,
+                            "first_words": full.words[:12]},
+    }
+    logger.info("CARE-set (world vocabulary): %s", ", ".join(careset.words))
+    return careset
+
+
+def train_config(method: str, config: DemoConfig) -> Any:
+    """The TrainConfig of one eraser: paper settings with the demo's scaled iterations."""
+    from recare.inversion import InversionConfig
+    from recare.train_config import TrainConfig
+    from recare.world import CARE, TARGET
+
+    return TrainConfig(method=method, concept=TARGET, initializer=CARE, erase_iterations=config.erase_iterations,
+                       stage2_iterations=config.stage2_iterations, ddim_steps=config.ddim_steps,
+                       stop_range=(1, config.ddim_steps - 2),
+                       inversion=InversionConfig(steps=config.inversion_steps, resolution=None),
+                       stereo_anchors=WORLD_STEREO_ANCHORS, seed=config.seed, checkpoint_every=0)
+
+
+def train_methods(careset: Any, images: Sequence[Path], state: DemoState) -> dict[str, Path]:
+    """Train every configured eraser (resuming finished runs); returns method -> run folder."""
+    from recare import world
+    from recare.models import load_sd
+    from recare.train import train
+
+    runs = {}
+    for method in state.config.methods:
+        folder = state.out_dir / "train" / method
+        with state.timed(f"train {method}"):
+            sd = load_sd(world.sd_path(), device=state.device)
+            train(sd, train_config(method, state.config), folder, careset=careset if method == "recare" else None,
+                  images=images, device=state.device, resume=True, progress=state.progress)
+        runs[method] = folder
+    return runs
+
+
+def eval_config(files: dict[str, Path], state: DemoState, normalisation: Any, training_images: Path,
+                cce_images: Path) -> Any:
+    """The EvalConfig of the demo (plain + CCE, utility, CARE) over the world's files."""
+    from recare import world
+    from recare.attacks import CceConfig
+    from recare.care_score import CareScoreConfig
+    from recare.evaluate import EvalConfig
+    from recare.inversion import InversionConfig
+    from recare.world import render
+
+    config, seeds = state.config, state.config.seeds()
+    cce = CceConfig(inversion=InversionConfig(steps=config.cce_inversion_steps, resolution=None),
+                    initializer=world.CARE, num_images=config.cce_attack_images, seed=seeds["cce_attack"],
+                    inversion_seed=config.seed)
+    care = CareScoreConfig(images_per_prompt=config.care_images_per_prompt, seed=seeds["care"],
+                           num_inference_steps=config.sampling_steps, batch_size=config.batch_size,
+                           labels=tuple(render.label_list()))
+    return EvalConfig(model=str(world.sd_path()), base_name="original", attacks=("plain", "cce"),
+                      prompts=str(files["target_prompts"]), cce=cce, cce_images=str(cce_images),
+                      training_images=str(training_images), coco_prompts=str(files["utility_prompts"]),
+                      coco_limit=config.utility_prompts, fid_reference=str(files["fid_reference"]),
+                      fid_method="eigh", clip_model=str(world.clip_path()), care_word=world.CARE,
+                      care_prompts=str(files["care_prompts"]), care=care, generation=_generation(config),
+                      normalisation=normalisation, notes=(SYNTHETIC_NOTE,))
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+
+def ground_truth(results: dict[str, Any], detector_model: Any) -> list[dict[str, Any]]:
+    """Per model: ground-truth presence of T in the plain-prompt images and of C in the CARE images."""
+    from recare.care_score import proportion_ci
+    from recare.world import CARE, TARGET
+    from recare.world.detectors import WorldConceptDetector
+
+    rows = []
+    for entry in results["methods"]:
+        row: dict[str, Any] = {"name": entry["name"]}
+        for key, concept, folder in (("care_images_C", CARE, entry["care"]["image_dir"]),
+                                     ("care_images_T", TARGET, entry["care"]["image_dir"])):
+            images = [load_image_rgb(p) for p in list_images(folder)]
+            hits = sum(d.detected for d in WorldConceptDetector(detector_model, concept).detect(images))
+            row[key] = {"rate": hits / len(images), "ci95": list(proportion_ci(hits, len(images))), "n": len(images)}
+        for attack in ("plain", "cce"):
+            r = entry["robustness"][attack]
+            row[f"{attack}_T"] = {"rate": r["asr"] / 100.0, "ci95": [r["ci_low"] / 100.0, r["ci_high"] / 100.0],
+                                  "n": r["n"]}
+        care = entry["care"]
+        row["care_score"] = {"rate": care["score"], "ci95": [care["ci_low"], care["ci_high"]], "n": care["n"]}
+        rows.append(row)
+    return rows
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    """Pearson's r with a Fisher-z 95% interval (Fisher 1921); None where undefined (n < 4 or a constant)."""
+    n = len(x)
+    if n != len(y):
+        raise ValueError("x and y need the same length")
+    mx, my = sum(x) / n if n else 0.0, sum(y) / n if n else 0.0
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    if n < 3 or sxx == 0 or syy == 0:
+        return {"r": None, "ci95": None, "n": n}
+    r = sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sxx * syy)
+    r = max(-1.0, min(1.0, r))
+    if n < 4 or abs(r) == 1.0:
+        return {"r": r, "ci95": None, "n": n}
+    z, half = math.atanh(r), 1.959963984540054 / math.sqrt(n - 3)
+    return {"r": r, "ci95": [math.tanh(z - half), math.tanh(z + half)], "n": n}
+
+
+def _pct(value: dict[str, Any]) -> str:
+    low, high = value["ci95"]
+    return f"{100 * value['rate']:.1f} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def ground_truth_section(rows: list[dict[str, Any]], facts: dict[str, Any]) -> dict[str, Any]:
+    """The report section (recare.report 'sections') with the ground-truth table."""
+    header = ["model", "T plain (GT) %", "T under CCE (GT) %", "C in CARE images (GT) %",
+              "CARE score (world CLIP) %", "T in CARE images (GT) %"]
+    table = [[r["name"], _pct(r["plain_T"]), _pct(r["cce_T"]), _pct(r["care_images_C"]), _pct(r["care_score"]),
+              _pct(r["care_images_T"])] for r in rows]
+    corr = facts.get("care_score_vs_ground_truth", {})
+    text = [SYNTHETIC_NOTE,
+            "T = 'dotted' (the target), C = 'circle' (its co-occurring concept). GT: the world's ground-truth "
+            "classifier (accuracy >= 0.999 on renders). Wilson 95% intervals in brackets.",
+            f"CARE score vs ground-truth C presence across these models: Pearson r = "
+            f"{_fmt_r(corr)} (n = {corr.get('n', 0)} models)."]
+    careset = facts.get("careset", {})
+    if careset:
+        text.append(f"CARE-set (world vocabulary): {', '.join(careset['world_vocabulary']['words'])}. With the full "
+                    f"32,849-word vocabulary, '{'circle'}' "
+                    f"{'is' if careset['full_vocabulary']['care_concept_kept'] else 'is NOT'} kept "
+                    f"(the world CLIP never saw the other words; their embeddings are untrained noise).")
+    return {"title": "Ground truth (synthetic world)", "text": text, "table": {"header": header, "rows": table},
+            "images": [{"name": f"training losses: {m}", "path": p} for m, p in facts.get("loss_plots", {}).items()]}
+
+
+def _fmt_r(corr: dict[str, Any]) -> str:
+    if corr.get("r") is None:
+        return "undefined"
+    ci = corr.get("ci95")
+    return f"{corr['r']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), device: str | torch.device = "cpu",
+             progress: bool = True) -> dict[str, Any]:
+    """Run the demo into out_dir (resuming an interrupted run there); returns the demo summary.
+
+    Writes demo.json (summary: timings, CARE-set, ground truth, correlation) and, under
+    out_dir/report, the evaluation report (report.md, report.html, radar.png, grids, results.json).
+    """
+    from recare import world
+    from recare.evaluate import MethodSpec, evaluate_all
+    from recare.models import load_image_text_model, load_sd
+    from recare.world.detectors import WorldConceptDetector
+    from recare.world.features import WorldClipFeatureExtractor
+    from recare.world.render import vocabulary
+
+    out_dir = Path(out_dir)
+    marker = out_dir / "demo_config.json"
+    if marker.is_file():
+        previous = read_json(marker, "demo config")
+        if previous != json.loads(json.dumps(asdict(config))):
+            raise RecareError(f"{out_dir} holds a demo run with other settings ({marker}); use another --out")
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise RecareError(f"{out_dir} is not empty and holds no demo run; use an empty or new folder")
+    write_json_atomic(marker, asdict(config))
+    state = DemoState(out_dir, config, torch.device(device), progress)
+    start = time.perf_counter()
+    torch_threads = torch.get_num_threads()
+    with state.timed("load world models"):
+        clip = load_image_text_model(world.clip_path(), device=state.device)
+        sd = load_sd(world.sd_path(), device=state.device)
+        detector_model = world.load_world_detector()
+        extractor = WorldClipFeatureExtractor(clip)
+    with state.timed("world data"):
+        files = write_world_data(out_dir / "data", config)
+        normalisation, measured = world_normalisation(clip, extractor, max(config.utility_prompts, 64),
+                                                      config.seeds()["render"] + 7)
+        state.facts["normalisation_measurements"] = measured
+    with state.timed("target images"):
+        target, heldout = generate_target_images(sd, state)
+    with state.timed("CARE-set"):
+        # word mode keeps words of >= 2 letters (recare.vocab), so the grammar's "a" is not searched
+        careset = build_demo_careset(clip, target, [w for w in vocabulary() if len(w) >= 2], state)
+    del sd
+    runs = train_methods(careset, target, state)
+    state.facts["loss_plots"] = {METHOD_NAMES[m]: str(Path("..") / "train" / m / "losses.png") for m in runs}
+    methods = [MethodSpec(METHOD_NAMES[m], str(runs[m] / "unet.safetensors")) for m in runs]
+    with state.timed("evaluation"):
+        cfg = eval_config(files, state, normalisation, out_dir / "target_images", out_dir / "cce_heldout_images")
+        results = evaluate_all(cfg, methods, out_dir / "report", device=state.device, cache_dir=out_dir / "cache",
+                               fid_extractor=extractor, detector=WorldConceptDetector(detector_model, world.TARGET),
+                               progress=progress, load_clip=lambda source: clip)
+    with state.timed("ground truth and report"):
+        rows = ground_truth(results, detector_model)
+        state.facts["care_score_vs_ground_truth"] = pearson([r["care_score"]["rate"] for r in rows],
+                                                            [r["care_images_C"]["rate"] for r in rows])
+        from recare.report import write_reports
+
+        results["sections"] = [ground_truth_section(rows, state.facts)]
+        write_reports(results, out_dir / "report", cfg.grid_columns)
+    torch.set_num_threads(torch_threads)
+    summary = {"format": DEMO_FORMAT, "note": SYNTHETIC_NOTE, "config": asdict(config),
+               "seconds": time.perf_counter() - start, "timings_s": state.timings,
+               "machine": _machine(), "facts": state.facts, "ground_truth": rows,
+               "ratio": {e["name"]: (e["ratio"] or {}).get("ratio") for e in results["methods"]},
+               "report": str((out_dir / "report" / "report.html").resolve())}
+    write_json_atomic(out_dir / "demo.json", summary)
+    return summary
+
+
+def _machine() -> dict[str, Any]:
+    from recare.world.build import machine_info
+
+    return machine_info()
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean and Student-t interval over independent runs (seeds); no interval for fewer than 2."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "ci95": None, "n": n}
+    sd = statistics.stdev(values)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n, "sd": sd}
+
+
+def summarize_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Across seeds: per model the mean and t-interval of every ground-truth rate and of RATIO;
+    the paired differences ReCARE - ESD and ReCARE - STEREO; and the CARE-score / GT correlation
+    over all (model, seed) points."""
+    keys = ("plain_T", "cce_T", "care_images_C", "care_score", "care_images_T")
+    names = [r["name"] for r in summaries[0]["ground_truth"]]
+    per_model = {}
+    for name in names:
+        rows = [next(r for r in s["ground_truth"] if r["name"] == name) for s in summaries]
+        per_model[name] = {k: t_interval([r[k]["rate"] for r in rows]) for k in keys}
+        ratios = [s["ratio"].get(name) for s in summaries]
+        if all(v is not None for v in ratios):
+            per_model[name]["ratio"] = t_interval(ratios)
+    differences = {}
+    for other in ("ESD", "STEREO"):
+        if "ReCARE" in names and other in names:
+            differences[f"ReCARE - {other}"] = {
+                k: t_interval([_rate(s, "ReCARE", k) - _rate(s, other, k) for s in summaries]) for k in keys}
+    points = [(r["care_score"]["rate"], r["care_images_C"]["rate"]) for s in summaries for r in s["ground_truth"]]
+    return {"format": "recare-demo-seeds/1", "note": SYNTHETIC_NOTE, "seeds": [s["config"]["seed"] for s in summaries],
+            "per_model": per_model, "paired_differences": differences,
+            "care_score_vs_ground_truth": pearson([p[0] for p in points], [p[1] for p in points]),
+            "careset_words": {s["config"]["seed"]: s["facts"]["careset"]["world_vocabulary"]["words"]
+                              for s in summaries}}
+
+
+def _rate(summary: dict[str, Any], name: str, key: str) -> float:
+    return next(r for r in summary["ground_truth"] if r["name"] == name)[key]["rate"]
+
+
+def format_seed_summary(summary: dict[str, Any]) -> str:
+    """Markdown tables of summarize_seeds (percent, mean [95% t-interval] over seeds)."""
+    def cell(v: dict[str, Any] | None, scale: float = 100.0, digits: int = 1) -> str:
+        if v is None:
+            return "-"
+        if v["ci95"] is None:
+            return f"{scale * v['mean']:.{digits}f}"
+        return f"{scale * v['mean']:.{digits}f} [{scale * v['ci95'][0]:.{digits}f}, {scale * v['ci95'][1]:.{digits}f}]"
+
+    lines = [f"Synthetic world, seeds {summary['seeds']}: mean [95% t-interval over seeds], percent.", "",
+             "| model | T plain (GT) | T under CCE (GT) | C in CARE images (GT) | CARE score | RATIO |",
+             "|---|---|---|---|---|---|"]
+    for name, v in summary["per_model"].items():
+        lines.append(f"| {name} | {cell(v['plain_T'])} | {cell(v['cce_T'])} | {cell(v['care_images_C'])} | "
+                     f"{cell(v['care_score'])} | {cell(v.get('ratio'), 1.0, 3)} |")
+    if summary["paired_differences"]:
+        lines += ["", "| paired difference | T plain | T under CCE | C in CARE images (GT) | CARE score |",
+                  "|---|---|---|---|---|"]
+        for name, v in summary["paired_differences"].items():
+            lines.append(f"| {name} | {cell(v['plain_T'])} | {cell(v['cce_T'])} | {cell(v['care_images_C'])} | "
+                         f"{cell(v['care_score'])} |")
+    corr = summary["care_score_vs_ground_truth"]
+    lines += ["", f"CARE score vs ground-truth C presence over all (model, seed) points: Pearson r = {_fmt_r(corr)} "
+              f"(n = {corr['n']}, Fisher-z 95% interval)."]
+    return "\n".join(lines) + "\n"
+
+
+def run_demo_seeds(out_dir: str | os.PathLike, seeds: Sequence[int], config: DemoConfig = DemoConfig(),
+                   device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
+    """run_demo for every seed into out_dir/seed-<s>, then summary.json and summary.md over the seeds."""
+    if not seeds:
+        raise RecareError("no seeds given")
+    out_dir = Path(out_dir)
+    summaries = [run_demo(out_dir / f"seed-{s}", replace(config, seed=int(s)), device, progress) for s in seeds]
+    summary = summarize_seeds(summaries)
+    write_json_atomic(out_dir / "summary.json", summary)
+    write_text_atomic(out_dir / "summary.md", format_seed_summary(summary))
+    return summary
