@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recare.errors import RecareError
-from recare.world.demo import (DemoConfig, benign_scenes, format_seed_summary, pearson, run_demo, summarize_seeds,
+from recare.world.demo import (WORLD_STEREO_ANCHORS, DemoConfig, benign_scenes, format_seed_summary, pearson, run_demo, summarize_seeds,
                                t_interval, train_config)
 
 
@@ -72,8 +72,14 @@ def test_demo_config_checks_and_train_settings():
     config = train_config("recare", DemoConfig())
     # paper settings except the documented scaled-down ones
     assert (config.erase_iterations, config.stage2_iterations, config.inversion.steps) == (60, 60, 100)
-    assert (config.effective_erase_lr, config.stage2_lr, config.negative_guidance, config.retain_weight) == \
-        (0.5e-5, 2e-5, 2.0, 1.0)
+    # learning rates x 200 / 60: the paper's update budget (lr x iterations)
+    assert config.effective_erase_lr == pytest.approx(0.5e-5 * 200 / 60)
+    assert config.stage2_lr == pytest.approx(2e-5 * 200 / 60)
+    assert train_config("esd", DemoConfig()).effective_erase_lr == pytest.approx(5e-5 * 200 / 60)
+    assert train_config("stereo", DemoConfig()).anchors == WORLD_STEREO_ANCHORS
+    paper_rates = train_config("recare", DemoConfig(paper_iterations=60))
+    assert (paper_rates.effective_erase_lr, paper_rates.stage2_lr) == (0.5e-5, 2e-5)
+    assert (config.negative_guidance, config.stage2_guidance, config.eta, config.retain_weight) == (2.0, 2.0, 1.0, 1.0)
     assert (config.ddim_steps, config.stop_range, config.initializer, config.concept) == (20, (1, 18), "circle",
                                                                                           "dotted")
     seeds = DemoConfig(seed=3).seeds()
