@@ -280,7 +280,7 @@ def write_reports(results: dict[str, Any], out_dir: str | os.PathLike, grid_colu
     files: dict[str, Any] = {"results": "results.json", "markdown": "report.md", "html": "report.html"}
     ratios = {e["name"]: e["ratio"]["radii"] for e in results["methods"] if e.get("ratio")}
     if ratios and len(ratios) == len(results["methods"]):
-        radar_chart(ratios, out_dir / "radar.png", title="RATIO radar (radii in [0, 1])")
+        radar_chart(ratios, out_dir / "radar.png", title=results.get("radar_title", "RATIO radar (radii in [0, 1])"))
         files["radar"] = "radar.png"
     files["grids"] = write_grids(results, out_dir, grid_columns)
     results["files"] = files

@@ -128,8 +128,8 @@ class DemoConfig:
     @classmethod
     def quick(cls, seed: int = 0) -> "DemoConfig":
         """A shortened demo for the end-to-end test (about 2 minutes on 2 cores)."""
-        return cls(seed=seed, sampling_steps=10, target_images_per_prompt=2, cce_images_per_prompt=1,
-                   careset_top_k=8, careset_top_n=12, erase_iterations=30, stage2_iterations=15,
+        return cls(seed=seed, sampling_steps=20, target_images_per_prompt=2, cce_images_per_prompt=1,
+                   careset_top_k=8, careset_top_n=12, erase_iterations=30, stage2_iterations=30,
                    inversion_steps=10, ddim_steps=10, attack_images_per_prompt=4, cce_inversion_steps=10,
                    cce_attack_images=8, care_images_per_prompt=1, utility_prompts=16)
 
@@ -507,6 +507,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), devi
         from recare.report import write_reports
 
         results["sections"] = [ground_truth_section(rows, state.facts)]
+        results["radar_title"] = f"SYNTHETIC WORLD (not SD), seed {config.seed}: RATIO radar"
         write_reports(results, out_dir / "report", cfg.grid_columns)
     torch.set_num_threads(torch_threads)
     summary = {"format": DEMO_FORMAT, "note": SYNTHETIC_NOTE, "config": asdict(config),
