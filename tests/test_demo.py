@@ -41,6 +41,7 @@ def _fake_summary(seed: int, rates: dict[str, tuple[float, float]]) -> dict:
         rows.append({"name": name, "plain_T": cell(t_plain), "cce_T": cell(t_plain), "care_images_C": cell(c_gt),
                      "care_score": cell(c_gt / 2), "care_images_T": cell(0.0)})
     return {"config": {"seed": seed}, "ground_truth": rows, "ratio": {n: 0.5 for n in rates},
+            "utility": {n: {"fid": 0.125 * (seed + 1), "clip_score": 0.25} for n in rates},
             "facts": {"careset": {"world_vocabulary": {"words": ["circle"]}}}}
 
 
@@ -57,8 +58,10 @@ def test_summarize_seeds_pairs_differences_by_seed():
     assert diff["sd"] == pytest.approx(math.sqrt(0.005))
     # CARE score = C / 2 at every point: a perfect correlation over the 8 (model, seed) points
     assert out["care_score_vs_ground_truth"]["r"] == pytest.approx(1.0) and out["care_score_vs_ground_truth"]["n"] == 8
+    assert out["per_model"]["ESD"]["fid"]["mean"] == pytest.approx(0.1875)  # (0.125 + 0.25) / 2
     text = format_seed_summary(out)
     assert "| ReCARE - ESD |" in text and "35.0" in text
+    assert "| 0.188 [" in text and "| 25.0 [" in text  # FID as is, CLIP score x100
 
 
 # ----------------------------------------------------------------------------- configuration and data
@@ -153,6 +156,8 @@ def test_demo_metrics_are_in_range(demo_run):
         assert entry["utility"]["fid"]["fid"] >= 0.0
         assert 0.0 <= entry["care"]["score"] <= 1.0
         assert 0.0 <= entry["ratio"]["ratio"] <= 1.0
+        assert summary["utility"][entry["name"]] == {"fid": entry["utility"]["fid"]["fid"],
+                                                     "clip_score": entry["utility"]["clip_score"]["mean"]}
     for row in summary["ground_truth"]:
         for key in ("plain_T", "cce_T", "care_images_C", "care_score", "care_images_T"):
             low, high = row[key]["ci95"]

@@ -514,6 +514,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), devi
                "seconds": time.perf_counter() - start, "timings_s": state.timings,
                "machine": _machine(), "facts": state.facts, "ground_truth": rows,
                "ratio": {e["name"]: (e["ratio"] or {}).get("ratio") for e in results["methods"]},
+               "utility": utility_of(results),
                "report": str((out_dir / "report" / "report.html").resolve())}
     write_json_atomic(out_dir / "demo.json", summary)
     return summary
@@ -554,6 +555,10 @@ def summarize_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ratios = [s["ratio"].get(name) for s in summaries]
         if all(v is not None for v in ratios):
             per_model[name]["ratio"] = t_interval(ratios)
+        for key in ("fid", "clip_score"):
+            values = [s.get("utility", {}).get(name, {}).get(key) for s in summaries]
+            if all(v is not None for v in values):
+                per_model[name][key] = t_interval(values)
     differences = {}
     for other in ("ESD", "STEREO"):
         if "ReCARE" in names and other in names:
@@ -565,6 +570,16 @@ def summarize_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "care_score_vs_ground_truth": pearson([p[0] for p in points], [p[1] for p in points]),
             "careset_words": {s["config"]["seed"]: s["facts"]["careset"]["world_vocabulary"]["words"]
                               for s in summaries}}
+
+
+def utility_of(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per model of an evaluate_all result: FID (world-CLIP feature space) and mean CLIP score."""
+    out = {}
+    for entry in results["methods"]:
+        utility = entry.get("utility", {})
+        out[entry["name"]] = {"fid": utility.get("fid", {}).get("fid"),
+                              "clip_score": utility.get("clip_score", {}).get("mean")}
+    return out
 
 
 def _rate(summary: dict[str, Any], name: str, key: str) -> float:
@@ -580,12 +595,15 @@ def format_seed_summary(summary: dict[str, Any]) -> str:
             return f"{scale * v['mean']:.{digits}f}"
         return f"{scale * v['mean']:.{digits}f} [{scale * v['ci95'][0]:.{digits}f}, {scale * v['ci95'][1]:.{digits}f}]"
 
-    lines = [f"Synthetic world, seeds {summary['seeds']}: mean [95% t-interval over seeds], percent.", "",
-             "| model | T plain (GT) | T under CCE (GT) | C in CARE images (GT) | CARE score | RATIO |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"Synthetic world, seeds {summary['seeds']}: mean [95% t-interval over seeds]; rates in percent, "
+             "FID in the world CLIP's 64-d image-embedding space, CLIP score x100.", "",
+             "| model | T plain (GT) | T under CCE (GT) | C in CARE images (GT) | CARE score | FID | CLIP score "
+             "| RATIO |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, v in summary["per_model"].items():
         lines.append(f"| {name} | {cell(v['plain_T'])} | {cell(v['cce_T'])} | {cell(v['care_images_C'])} | "
-                     f"{cell(v['care_score'])} | {cell(v.get('ratio'), 1.0, 3)} |")
+                     f"{cell(v['care_score'])} | {cell(v.get('fid'), 1.0, 3)} | {cell(v.get('clip_score'))} | "
+                     f"{cell(v.get('ratio'), 1.0, 3)} |")
     if summary["paired_differences"]:
         lines += ["", "| paired difference | T plain | T under CCE | C in CARE images (GT) | CARE score |",
                   "|---|---|---|---|---|"]
