@@ -218,6 +218,13 @@ def test_world_sd_layout(world_sd, world_clip):
     assert all(torch.equal(v, clip_text[k]) for k, v in world_sd.text_encoder.state_dict().items())
 
 
+def test_reports_name_the_world_model_as_synthetic_not_random(world_sd):
+    from recare.evaluate import model_scale_notes
+
+    (note,) = model_scale_notes(world_sd, False)
+    assert "synthetic-world model" in note and "NOT Stable Diffusion" in note and "tiny/random" not in note
+
+
 def test_detector_accuracy_on_fresh_renders(detector):
     from recare.world.detectors import DetectorConfig, measure_accuracy
 

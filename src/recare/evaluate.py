@@ -282,12 +282,24 @@ def _check_fid_reference(path: Path) -> None:
 # ----------------------------------------------------------------------------- notes
 
 
+def _is_world_model(source: str) -> bool:
+    from recare import world
+
+    try:
+        return not source.startswith("<") and Path(source).resolve() == world.sd_path().resolve()
+    except OSError:
+        return False
+
+
 def model_scale_notes(components: SDComponents, flagged: bool) -> list[str]:
     """Automatic notes when the model is a random/tiny test model (or the caller says so)."""
     n_params = sum(p.numel() for p in components.unet.parameters())
     notes = []
     source = str(components.source)
-    if source.startswith("<") or re.search(r"tiny|random", source, re.IGNORECASE) or n_params < TINY_UNET_PARAMETERS:
+    if _is_world_model(source):
+        notes.append(f"The model ({source}, UNet with {n_params:,} parameters) is recare's synthetic-world model, "
+                     "trained on 16x16 procedural images, NOT Stable Diffusion: the numbers hold in that world only.")
+    elif source.startswith("<") or re.search(r"tiny|random", source, re.IGNORECASE) or n_params < TINY_UNET_PARAMETERS:
         notes.append(f"The model ({source}, UNet with {n_params:,} parameters) is a tiny/random test model: these "
                      "numbers check the code path and say NOTHING about erasure quality.")
     if flagged:
