@@ -58,6 +58,8 @@ def test_summarize_seeds_pairs_differences_by_seed():
     assert diff["sd"] == pytest.approx(math.sqrt(0.005))
     # CARE score = C / 2 at every point: a perfect correlation over the 8 (model, seed) points
     assert out["care_score_vs_ground_truth"]["r"] == pytest.approx(1.0) and out["care_score_vs_ground_truth"]["n"] == 8
+    assert out["paired_differences"]["ESD - original"]["care_images_C"]["mean"] == pytest.approx(-0.4)
+    assert out["per_model"]["original"]["plain_T"]["ci95"][1] == 1.0  # clipped to the rate's range
     assert out["per_model"]["ESD"]["fid"]["mean"] == pytest.approx(0.1875)  # (0.125 + 0.25) / 2
     text = format_seed_summary(out)
     assert "| ReCARE - ESD |" in text and "35.0" in text

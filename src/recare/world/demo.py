@@ -529,8 +529,12 @@ def _machine() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- several seeds
 
 
-def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """Mean and Student-t interval over independent runs (seeds); no interval for fewer than 2."""
+def t_interval(values: Sequence[float], level: float = 0.95,
+               bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Mean and Student-t interval over independent runs (seeds); no interval for fewer than 2.
+
+    bounds clips the interval to the quantity's range (a rate to [0, 1]): with 3 seeds the t-interval
+    of a rate near 0 or 1 reaches past it."""
     from scipy import stats
 
     n = len(values)
@@ -538,8 +542,11 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
     if n < 2:
         return {"mean": mean, "ci95": None, "n": n}
     sd = statistics.stdev(values)
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n, "sd": sd}
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "ci95": [low, high], "n": n, "sd": sd}
 
 
 def summarize_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -551,7 +558,7 @@ def summarize_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     per_model = {}
     for name in names:
         rows = [next(r for r in s["ground_truth"] if r["name"] == name) for s in summaries]
-        per_model[name] = {k: t_interval([r[k]["rate"] for r in rows]) for k in keys}
+        per_model[name] = {k: t_interval([r[k]["rate"] for r in rows], bounds=(0.0, 1.0)) for k in keys}
         ratios = [s["ratio"].get(name) for s in summaries]
         if all(v is not None for v in ratios):
             per_model[name]["ratio"] = t_interval(ratios)
@@ -560,10 +567,12 @@ def summarize_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if all(v is not None for v in values):
                 per_model[name][key] = t_interval(values)
     differences = {}
-    for other in ("ESD", "STEREO"):
-        if "ReCARE" in names and other in names:
-            differences[f"ReCARE - {other}"] = {
-                k: t_interval([_rate(s, "ReCARE", k) - _rate(s, other, k) for s in summaries]) for k in keys}
+    pairs = [(m, "original") for m in ("ESD", "STEREO", "ReCARE")] + [("ReCARE", "ESD"), ("ReCARE", "STEREO")]
+    for method, other in pairs:
+        if method in names and other in names:
+            differences[f"{method} - {other}"] = {
+                k: t_interval([_rate(s, method, k) - _rate(s, other, k) for s in summaries], bounds=(-1.0, 1.0))
+                for k in keys}
     points = [(r["care_score"]["rate"], r["care_images_C"]["rate"]) for s in summaries for r in s["ground_truth"]]
     return {"format": "recare-demo-seeds/1", "note": SYNTHETIC_NOTE, "seeds": [s["config"]["seed"] for s in summaries],
             "per_model": per_model, "paired_differences": differences,
@@ -605,7 +614,8 @@ def format_seed_summary(summary: dict[str, Any]) -> str:
                      f"{cell(v['care_score'])} | {cell(v.get('fid'), 1.0, 3)} | {cell(v.get('clip_score'))} | "
                      f"{cell(v.get('ratio'), 1.0, 3)} |")
     if summary["paired_differences"]:
-        lines += ["", "| paired difference | T plain | T under CCE | C in CARE images (GT) | CARE score |",
+        lines += ["", "Paired differences (same seed), percentage points:", "",
+                  "| paired difference | T plain | T under CCE | C in CARE images (GT) | CARE score |",
                   "|---|---|---|---|---|"]
         for name, v in summary["paired_differences"].items():
             lines.append(f"| {name} | {cell(v['plain_T'])} | {cell(v['cce_T'])} | {cell(v['care_images_C'])} | "
