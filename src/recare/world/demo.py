@@ -565,7 +565,7 @@ def summarize_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key in ("fid", "clip_score"):
             values = [s.get("utility", {}).get(name, {}).get(key) for s in summaries]
             if all(v is not None for v in values):
-                per_model[name][key] = t_interval(values)
+                per_model[name][key] = t_interval(values, bounds=(0.0, math.inf) if key == "fid" else (-1.0, 1.0))
     differences = {}
     pairs = [(m, "original") for m in ("ESD", "STEREO", "ReCARE")] + [("ReCARE", "ESD"), ("ReCARE", "STEREO")]
     for method, other in pairs:
