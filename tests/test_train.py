@@ -22,7 +22,7 @@ from recare.sampling import make_ddim_scheduler
 from recare.train import (PromptEmbeddings, Stage2Rows, balanced_schedule, plan_phases, stage1_loss, stage2_loss,
                           teacher_copy, teacher_epsilon, train)
 from recare.train_config import TrainConfig, config_from_toml
-from recare.train_state import STATE_NAME
+from recare.train_state import STAGE1_NAME, STATE_NAME, load_state
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "recare" / "configs"
 
@@ -385,3 +385,37 @@ def test_recare_run_on_cuda_with_bf16_autocast(tiny_sd_dir, images, careset, tmp
     run = json.loads((tmp_path / "cuda" / "run.json").read_text())
     assert run["peak_memory"]["kind"] == "cuda_max_memory_allocated"
     assert load_file(tmp_path / "cuda" / "unet.safetensors")["conv_in.weight"].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- shared stage 1
+
+
+def test_recare_from_a_stereo_stage1_equals_a_full_recare_run(full_run, tiny_sd_dir, images, careset, tmp_path):
+    stereo = tmp_path / "stereo"
+    train(load_sd(tiny_sd_dir), tiny_config(method="stereo", stereo_anchors=("a photo",)), stereo, images=images,
+          progress=False)
+    saved = load_state(stereo, STAGE1_NAME)
+    assert saved is not None and saved.learned_tokens == ["<recare-1>", "<recare-2>"]
+    assert "method" not in saved.identity["config"] and "param.conv_in.weight" not in saved.tensors
+    out = tmp_path / "recare"
+    result = train(load_sd(tiny_sd_dir), tiny_config(), out, careset=careset, images=images, progress=False,
+                   stage1_from=stereo)
+    assert result.complete
+    _assert_same_run(full_run, out)  # same UNet, tokens and loss rows as running stage 1 itself
+    run = json.loads((out / "run.json").read_text())
+    assert run["info"]["stage1_from"] == str(stereo.resolve())
+    assert (full_run / STAGE1_NAME).is_file() and not (out / STAGE1_NAME).exists()
+
+
+def test_stage1_from_refuses_other_settings_and_missing_stage1(full_run, tiny_sd_dir, images, careset, tmp_path):
+    with pytest.raises(RecareError, match=r"other settings or inputs: config\.erase_iterations"):
+        train(load_sd(tiny_sd_dir), tiny_config(erase_iterations=4), tmp_path / "a", careset=careset, images=images,
+              progress=False, stage1_from=full_run)
+    with pytest.raises(RecareError, match="other settings or inputs: images"):
+        train(load_sd(tiny_sd_dir), tiny_config(), tmp_path / "b", careset=careset, images=images[:-2],
+              progress=False, stage1_from=full_run)
+    with pytest.raises(RecareError, match="holds no finished stage 1"):
+        train(load_sd(tiny_sd_dir), tiny_config(), tmp_path / "c", careset=careset, images=images,
+              progress=False, stage1_from=tmp_path)
+    with pytest.raises(RecareError, match="ESD has no stage 1"):
+        train(load_sd(tiny_sd_dir), tiny_config(method="esd"), tmp_path / "d", progress=False, stage1_from=full_run)

@@ -106,6 +106,16 @@ def test_resume_through_the_cli(inputs, tiny_sd_dir, trained, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stage1_from_through_the_cli(inputs, tiny_sd_dir, trained, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "recare"
+    assert main(_train_args(inputs, tiny_sd_dir, "recare", out, "--stage1-from", str(trained["stereo"]))) == 0
+    assert json.loads((out / "run.json").read_text())["info"]["stage1_from"] == str(trained["stereo"].resolve())
+    a, b = load_file(trained["recare"] / "unet.safetensors"), load_file(out / "unet.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_input_errors(inputs, tiny_sd_dir, trained, tmp_path, capsys, cli_error):
     out = tmp_path / "out"
     args = _train_args(inputs, tiny_sd_dir, "recare", out)

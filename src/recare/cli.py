@@ -276,6 +276,9 @@ def _add_train(sub) -> None:
     p.add_argument("--images", type=Path, default=None, help="target images for textual inversion (ReCARE, STEREO)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--config", type=Path, default=None, help="TOML config (see recare/configs/*.toml)")
+    p.add_argument("--stage1-from", type=Path, default=None,
+                   help="folder of a ReCARE/STEREO run with the same stage-1 settings: reuse its stage 1 "
+                        "(learned tokens, generator state) and start at stage 2; same result, less time")
     _add_train_options(p)
     g = p.add_argument_group("overrides (default: config file, else the reference value)")
     g.add_argument("--train-method", choices=TRAIN_MODES, default=None, help="UNet parameters trained (noxattn)")
@@ -341,7 +344,7 @@ def _train_and_report(args, config, components, careset, images, info: dict) -> 
 
     result = train(components, config, args.out, careset=careset, images=images, device=args.device,
                    resume=args.resume, overwrite=args.overwrite, stop_after=args.max_steps_this_run, info=info,
-                   unet_weights=getattr(args, "unet_weights", None))
+                   unet_weights=getattr(args, "unet_weights", None), stage1_from=getattr(args, "stage1_from", None))
     if not result.complete:
         print(f"stopped early; continue with --resume. State in {args.out}")
         return 0

@@ -29,6 +29,13 @@ B starts at zero, so the teacher copy of the initial adapter values IS the origi
 stage 2 "from the original UNet" resets the adapter to those initial values. unet.safetensors
 holds the merged weights W + (alpha / r) B A under the stock names; lora.safetensors the adapter.
 
+Shared stage 1: stage 1 of ReCARE and STEREO is the same recipe, and stage 2 starts from the
+original UNet, so what stage 2 takes from stage 1 is the learned tokens and the generator's
+state. Every ReCARE/STEREO run keeps them in `stage1_state.safetensors` (a few KB); a run given
+`stage1_from=<that run's folder>` with the same stage-1 settings adopts them and starts at stage 2,
+giving the same result as running stage 1 itself (tested) for a fraction of the cost (stage 1 is
+23 of the paper's 29.9 GPU minutes, PERF.md).
+
 Randomness: one CPU torch.Generator (seed `seed`) draws everything; the reference re-seeds it at
 the start of every erase round and every inversion (`reseed_each_round`, default True), stage 2
 is not re-seeded. Its state is saved with the training state, so a resumed run is bit-identical
@@ -43,6 +50,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +65,7 @@ from recare.checkpoints import load_learned_embeddings, save_lora_weights, save_
 from recare.errors import RecareError
 from recare.guidance import to_epsilon
 from recare.inversion import image_slices, train_textual_inversion
-from recare.io import read_json
+from recare.io import atomic_path, read_json
 from recare.losses import esd_target, mse, recare_erase_target, recare_loss, stage1_erase_target
 from recare.models import SDComponents
 from recare.params import add_lora, lora_adapter, merged_state_dict, set_trainable
@@ -66,11 +74,14 @@ from recare.sampling import (initial_latents, make_ddim_scheduler, sample_partia
 from recare.train_config import TrainConfig
 from recare.train_report import (LORA_NAME, LOSSES_CSV, LOSSES_PNG, RUN_JSON, UNET_NAME, check_output_folder,
                                  normalise, peak_memory, plot_losses, versions, write_losses_csv, write_run_json)
-from recare.train_state import (TrainState, check_parameters, load_optimizer_tensors, load_state, optimizer_tensors,
-                                remove_state, save_state)
+from recare.train_state import (STAGE1_NAME, TrainState, check_parameters, load_optimizer_tensors, load_state,
+                                optimizer_tensors, remove_state, save_state)
 
 logger = logging.getLogger(__name__)
 
+STAGE2_FIELDS = ("method", "stage2_iterations", "stage2_lr", "stage2_guidance", "retain_weight", "erase_set_tokens",
+                 "stereo_anchors", "checkpoint_every")
+"""TrainConfig fields that stage 1 does not read (checkpoint_every changes no number: resumes are exact)."""
 LOG_EVERY = 10  # steps between host syncs for loss logging (no per-step .item())
 LORA_ADAPTER = "recare"  # peft adapter name of the LoRA student
 
@@ -346,6 +357,52 @@ class Trainer:
         self.state.tensors["rng.main"] = self.generator.get_state()
         save_state(self.state, self.out_dir)
 
+    def save_stage1(self) -> None:
+        """Keep what stage 2 takes from stage 1 (learned embeddings, generator state) in stage1_state.safetensors."""
+        kept = {k: v for k, v in self.state.tensors.items() if k.startswith(("embed.", "rng."))}
+        save_state(TrainState(identity=stage1_identity(self.identity), phase=self.state.phase, step=0,
+                              losses=list(self.state.losses), timings=dict(self.state.timings),
+                              learned_tokens=list(self.state.learned_tokens), tensors=kept),
+                   self.out_dir, STAGE1_NAME)
+
+    def adopt_stage1(self, folder: str | os.PathLike) -> None:
+        """Start at stage 2 with the stage 1 of the run in `folder` (same stage-1 settings and inputs)."""
+        folder = Path(folder)
+        if self.config.method == "esd":
+            raise RecareError("stage1_from: ESD has no stage 1")
+        saved = load_state(folder, STAGE1_NAME)
+        if saved is None:
+            raise RecareError(f"{folder} holds no finished stage 1 ({STAGE1_NAME}); give the folder of a "
+                              "ReCARE or STEREO run that got past stage 1")
+        mine, theirs = normalise(stage1_identity(self.identity)), normalise(saved.identity)
+        if mine != theirs:
+            keys = sorted({k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k)} - {"config"})
+            cfg_a, cfg_b = mine.get("config", {}), theirs.get("config", {})
+            keys += sorted(f"config.{k}" for k in {*cfg_a, *cfg_b} if cfg_a.get(k) != cfg_b.get(k))
+            raise RecareError(f"the stage 1 in {folder} was trained with other settings or inputs: {', '.join(keys)}")
+        stage2 = next(i for i, p in enumerate(self.phases) if p.kind == "stage2")
+        if saved.phase != stage2:
+            raise RecareError(f"{folder / STAGE1_NAME} does not end at stage 2 (phase {saved.phase})")
+        embeds = saved.group("embed")
+        for k, token in enumerate(saved.learned_tokens, start=1):
+            source = folder / f"learned_embeds-{k}.safetensors"
+            target = self.out_dir / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+            load_learned_embeddings(self.components.tokenizer, self.components.text_encoder, target)
+            row = self.components.text_encoder.get_input_embeddings().weight[
+                self.components.tokenizer.convert_tokens_to_ids(token)]
+            if token not in embeds or not torch.equal(row.detach().float().cpu(), embeds[token]):
+                raise RecareError(f"{source} does not hold the embedding of {token!r} that ended stage 1")
+        self.generator.set_state(saved.tensors["rng.main"])
+        self.state = TrainState(identity=self.identity, phase=stage2, step=0, losses=saved.losses,
+                                timings=saved.timings, learned_tokens=saved.learned_tokens,
+                                tensors={k: v for k, v in saved.tensors.items() if k.startswith(("embed.", "rng."))})
+        self.info = {**self.info, "stage1_from": str(folder.resolve())}
+        logger.info("stage 1 adopted from %s (tokens %s); starting at stage 2", folder,
+                    ", ".join(saved.learned_tokens))
+
     def original_teacher(self) -> Params:
         """The original values as a teacher copy on the device (see teacher_copy)."""
         if self._original is None:
@@ -399,6 +456,8 @@ class Trainer:
                 self.state.phase, self.state.step = self.state.phase + 1, 0
                 if self.state.phase < len(self.phases):
                     self.checkpoint()
+                    if self.phases[self.state.phase].kind == "stage2":
+                        self.save_stage1()
         except _Stop:
             return False
         self.flush()
@@ -573,11 +632,17 @@ def run_identity(components: SDComponents, config: TrainConfig, careset: CareSet
             "images": sorted(Path(p).name for p in images) if config.method != "esd" else []}
 
 
+def stage1_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run identity that determines stage 1 (no stage-2 settings, no CARE-set)."""
+    config = {k: v for k, v in identity["config"].items() if k not in STAGE2_FIELDS}
+    return {**{k: v for k, v in identity.items() if k != "careset_sha256"}, "config": config}
+
+
 def train(components: SDComponents, config: TrainConfig, out_dir: str | os.PathLike, *,
           careset: CareSet | None = None, images: Sequence[str | os.PathLike] = (),
           device: str | torch.device | None = None, resume: bool = False, overwrite: bool = False,
           stop_after: int | None = None, info: dict[str, Any] | None = None, unet_weights: str | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, stage1_from: str | os.PathLike | None = None) -> TrainResult:
     """Erase `config.concept` from `components` (modified in place) and write the outputs to `out_dir`.
 
     Args:
@@ -597,6 +662,9 @@ def train(components: SDComponents, config: TrainConfig, out_dir: str | os.PathL
         info: extra facts recorded in run.json (e.g. file paths); not part of the run identity.
         unet_weights: the UNet weights file loaded into components, recorded in the identity.
         progress: tqdm bars.
+        stage1_from: folder of a ReCARE or STEREO run with the same stage-1 settings and inputs: start
+            at stage 2 with its learned tokens and generator state (module docstring); used only when
+            this run starts from the beginning.
     """
     out_dir = Path(out_dir)
     device = torch.device(device) if device is not None else components.unet.device
@@ -615,6 +683,8 @@ def train(components: SDComponents, config: TrainConfig, out_dir: str | os.PathL
         trainer.restore(state)
     elif decision == "resume":
         logger.info("no training state in %s: starting from the beginning", out_dir)
+    if state is None and stage1_from is not None:
+        trainer.adopt_stage1(stage1_from)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _write_record(trainer, "running")
@@ -651,6 +721,8 @@ def _write_record(trainer: Trainer, status: str) -> None:
     weights = [UNET_NAME, LORA_NAME] if config.lora_rank else [UNET_NAME]
     outputs = [*weights, LOSSES_CSV, LOSSES_PNG] if status == "complete" else []
     outputs += [f"learned_embeds-{k}.safetensors" for k in range(1, len(state.learned_tokens) + 1)]
+    if (trainer.out_dir / STAGE1_NAME).is_file():
+        outputs.append(STAGE1_NAME)
     write_run_json(trainer.out_dir, {
         "status": status, "identity": trainer.identity, "info": trainer.info,
         "seeds": {"seed": config.seed, "reseed_each_round": config.reseed_each_round},

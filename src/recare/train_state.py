@@ -27,6 +27,7 @@ from recare.io import atomic_path
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "train_state.safetensors"
+STAGE1_NAME = "stage1_state.safetensors"  # the state at the end of stage 1, kept (recare.train: stage1_from)
 STATE_FORMAT = "recare-train-state/1"
 _META_KEY = "recare_state"
 
@@ -63,26 +64,26 @@ class TrainState:
         self.tensors.update({f"{prefix}.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()})
 
 
-def save_state(state: TrainState, folder: str | os.PathLike) -> Path:
-    """Write `folder`/train_state.safetensors atomically."""
+def save_state(state: TrainState, folder: str | os.PathLike, name: str = STATE_NAME) -> Path:
+    """Write `folder`/`name` (train_state.safetensors) atomically."""
     from safetensors.torch import save_file
 
     meta = {"format": STATE_FORMAT, "identity": state.identity, "phase": state.phase, "step": state.step,
             "losses": state.losses, "timings": state.timings, "learned_tokens": state.learned_tokens,
             "schedules": state.schedules}
-    path = Path(folder) / STATE_NAME
+    path = Path(folder) / name
     with atomic_path(path) as tmp:
         save_file(state.tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
     logger.info("training state saved: phase %d step %d", state.phase, state.step)
     return path
 
 
-def load_state(folder: str | os.PathLike) -> TrainState | None:
-    """Read `folder`/train_state.safetensors; None when there is none. RecareError when unreadable."""
+def load_state(folder: str | os.PathLike, name: str = STATE_NAME) -> TrainState | None:
+    """Read `folder`/`name` (train_state.safetensors); None when there is none. RecareError when unreadable."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
-    path = Path(folder) / STATE_NAME
+    path = Path(folder) / name
     if not path.is_file():
         return None
     try:

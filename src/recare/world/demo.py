@@ -6,7 +6,8 @@ Stages (each resumes from what an earlier, interrupted run left in the output fo
 2. target images of the original world model for "a dotted <colour> thing" (SPEC 1), plus a
    held-out set (other seeds) for the CCE attack;
 3. CARE-set from the target images with the world's CLIP (SPEC 2);
-4. ESD, STEREO and ReCARE from the one trainer (SPEC 3, 4b);
+4. ESD, STEREO and ReCARE from the one trainer (SPEC 3, 4b); ReCARE adopts STEREO's stage 1
+   (same recipe, settings and seed: recare.train's stage1_from gives the same result as rerunning it);
 5. evaluation (recare.evaluate.evaluate_all): target presence under plain prompts and a CCE
    attack, scored by the world's ground-truth classifier; CLIP score and FID in the world
    CLIP's feature space; CARE score with the world CLIP and the world's 18 labels; RATIO;
@@ -334,10 +335,12 @@ def train_methods(careset: Any, images: Sequence[Path], state: DemoState) -> dic
     runs = {}
     for method in state.config.methods:
         folder = state.out_dir / "train" / method
+        # ReCARE's stage 1 is STEREO's (same recipe, settings and seed): start it at stage 2 from STEREO's
+        stage1_from = runs.get("stereo") if method == "recare" else None
         with state.timed(f"train {method}"):
             sd = load_sd(world.sd_path(), device=state.device)
             train(sd, train_config(method, state.config), folder, careset=careset if method == "recare" else None,
-                  images=images, device=state.device, resume=True, progress=state.progress)
+                  images=images, device=state.device, resume=True, progress=state.progress, stage1_from=stage1_from)
         runs[method] = folder
     return runs
 
