@@ -20,7 +20,7 @@ venv: $(BIN)/.installed
 test: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
-# The whole method on the built-in synthetic world (offline, CPU, about 10 minutes); prints the report path.
+# The whole method on the built-in synthetic world (offline, CPU: about 7 minutes plus creating .venv); prints the report path.
 DEMO_OUT ?= demo-output
 demo: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/recare demo --out $(DEMO_OUT)
