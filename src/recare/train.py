@@ -334,14 +334,7 @@ class Trainer:
         if normalise(state.identity) != normalise(self.identity):
             raise RecareError(f"the training state in {self.out_dir} belongs to another run")
         check_parameters(state.group("param"), self.trainable, f"training state in {self.out_dir}")
-        embeds = state.group("embed")
-        for k, token in enumerate(state.learned_tokens, start=1):
-            path = self.out_dir / f"learned_embeds-{k}.safetensors"
-            load_learned_embeddings(self.components.tokenizer, self.components.text_encoder, path)
-            row = self.components.text_encoder.get_input_embeddings().weight[
-                self.components.tokenizer.convert_tokens_to_ids(token)]
-            if token not in embeds or not torch.equal(row.detach().float().cpu(), embeds[token]):
-                raise RecareError(f"{path} does not hold the embedding of {token!r} saved in the training state")
+        self._load_learned_tokens(state, "saved in the training state")
         self._copy_into_trainable(state.group("param"))
         self.generator.set_state(state.tensors["rng.main"])
         self.state = state
@@ -356,6 +349,17 @@ class Trainer:
         self.state.set_group("optim", optimizer_tensors(optimizer, list(self.trainable)) if optimizer else {})
         self.state.tensors["rng.main"] = self.generator.get_state()
         save_state(self.state, self.out_dir)
+
+    def _load_learned_tokens(self, state: TrainState, origin: str) -> None:
+        """Load out_dir's learned_embeds-k files of `state`'s tokens; each must equal the state's embedding."""
+        embeds = state.group("embed")
+        for k, token in enumerate(state.learned_tokens, start=1):
+            path = self.out_dir / f"learned_embeds-{k}.safetensors"
+            load_learned_embeddings(self.components.tokenizer, self.components.text_encoder, path)
+            row = self.components.text_encoder.get_input_embeddings().weight[
+                self.components.tokenizer.convert_tokens_to_ids(token)]
+            if token not in embeds or not torch.equal(row.detach().float().cpu(), embeds[token]):
+                raise RecareError(f"{path} does not hold the embedding of {token!r} {origin}")
 
     def save_stage1(self) -> None:
         """Keep what stage 2 takes from stage 1 (learned embeddings, generator state) in stage1_state.safetensors."""
@@ -383,22 +387,15 @@ class Trainer:
         stage2 = next(i for i, p in enumerate(self.phases) if p.kind == "stage2")
         if saved.phase != stage2:
             raise RecareError(f"{folder / STAGE1_NAME} does not end at stage 2 (phase {saved.phase})")
-        embeds = saved.group("embed")
-        for k, token in enumerate(saved.learned_tokens, start=1):
+        for k in range(1, len(saved.learned_tokens) + 1):
             source = folder / f"learned_embeds-{k}.safetensors"
-            target = self.out_dir / source.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(target) as tmp:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.out_dir / source.name) as tmp:
                 shutil.copyfile(source, tmp)
-            load_learned_embeddings(self.components.tokenizer, self.components.text_encoder, target)
-            row = self.components.text_encoder.get_input_embeddings().weight[
-                self.components.tokenizer.convert_tokens_to_ids(token)]
-            if token not in embeds or not torch.equal(row.detach().float().cpu(), embeds[token]):
-                raise RecareError(f"{source} does not hold the embedding of {token!r} that ended stage 1")
+        self._load_learned_tokens(saved, f"the stage 1 of {folder}")
         self.generator.set_state(saved.tensors["rng.main"])
         self.state = TrainState(identity=self.identity, phase=stage2, step=0, losses=saved.losses,
-                                timings=saved.timings, learned_tokens=saved.learned_tokens,
-                                tensors={k: v for k, v in saved.tensors.items() if k.startswith(("embed.", "rng."))})
+                                timings=saved.timings, learned_tokens=saved.learned_tokens, tensors=saved.tensors)
         self.info = {**self.info, "stage1_from": str(folder.resolve())}
         logger.info("stage 1 adopted from %s (tokens %s); starting at stage 2", folder,
                     ", ".join(saved.learned_tokens))
