@@ -417,5 +417,23 @@ def test_stage1_from_refuses_other_settings_and_missing_stage1(full_run, tiny_sd
     with pytest.raises(RecareError, match="holds no finished stage 1"):
         train(load_sd(tiny_sd_dir), tiny_config(), tmp_path / "c", careset=careset, images=images,
               progress=False, stage1_from=tmp_path)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / STAGE1_NAME).write_bytes((full_run / STAGE1_NAME).read_bytes())  # no learned_embeds files
+    with pytest.raises(RecareError, match="learned_embeds-1.safetensors is missing"):
+        train(load_sd(tiny_sd_dir), tiny_config(), tmp_path / "e", careset=careset, images=images,
+              progress=False, stage1_from=partial)
     with pytest.raises(RecareError, match="ESD has no stage 1"):
         train(load_sd(tiny_sd_dir), tiny_config(method="esd"), tmp_path / "d", progress=False, stage1_from=full_run)
+
+
+def test_a_kept_stage1_file_belongs_to_its_run_folder(full_run, tmp_path):
+    from recare.train_report import check_output_folder
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / STAGE1_NAME).write_bytes((full_run / STAGE1_NAME).read_bytes())
+    with pytest.raises(RecareError, match="training outputs without run.json"):
+        check_output_folder(folder, {"config": {}}, resume=False, overwrite=False)
+    assert check_output_folder(folder, {"config": {}}, resume=False, overwrite=True) == "new"
+    assert not (folder / STAGE1_NAME).exists()  # --overwrite removes it with the other outputs

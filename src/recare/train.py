@@ -389,6 +389,8 @@ class Trainer:
             raise RecareError(f"{folder / STAGE1_NAME} does not end at stage 2 (phase {saved.phase})")
         for k in range(1, len(saved.learned_tokens) + 1):
             source = folder / f"learned_embeds-{k}.safetensors"
+            if not source.is_file():
+                raise RecareError(f"{source} is missing: the stage 1 in {folder} is incomplete")
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.out_dir / source.name) as tmp:
                 shutil.copyfile(source, tmp)

@@ -38,7 +38,7 @@ LOSSES_CSV = "losses.csv"
 LOSSES_PNG = "losses.png"
 LOSS_COLUMNS = ("stage", "round", "step", "loss", "erase", "retain")
 OUTPUT_GLOBS = (RUN_JSON, UNET_NAME, LORA_NAME, LOSSES_CSV, LOSSES_PNG, "learned_embeds-*.safetensors",
-                "learned_embeds-*.json", "train_state.safetensors")
+                "learned_embeds-*.json", "train_state.safetensors", "stage1_state.safetensors")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
