@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # on a GPU machine install your CUDA build of torch first, then `pip install -e .`.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test venv demo bench clean
+.PHONY: test lint venv demo bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -19,6 +19,11 @@ venv: $(BIN)/.installed
 
 test: venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# ruff (lint + import order) and the import contracts of pyproject.toml ([tool.importlinter]).
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 # The whole method on the built-in synthetic world (offline, CPU: about 7 minutes plus creating .venv); prints the report path.
 DEMO_OUT ?= demo-output

@@ -16,7 +16,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def clip_tokenizer():
     """The real 49,408-entry CLIP BPE tokenizer, built offline."""
-    from recare.tokenizer import offline_clip_tokenizer
+    from recare.models.tokenizer import offline_clip_tokenizer
 
     return offline_clip_tokenizer()
 
@@ -24,7 +24,7 @@ def clip_tokenizer():
 @pytest.fixture
 def tiny_sd():
     """A fresh tiny random SD (function scope: tests may modify its weights)."""
-    from recare.tiny import build_tiny_sd
+    from recare.models.tiny import build_tiny_sd
 
     return build_tiny_sd(seed=0)
 
@@ -32,7 +32,7 @@ def tiny_sd():
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny random SD saved as a diffusers pipeline folder (read-only for tests)."""
-    from recare.tiny import build_tiny_sd, save_sd
+    from recare.models.tiny import build_tiny_sd, save_sd
 
     return save_sd(build_tiny_sd(seed=0), tmp_path_factory.mktemp("tiny-sd") / "model")
 
@@ -40,7 +40,7 @@ def tiny_sd_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip():
     """A tiny random CLIPModel with the real tokenizer (session scope: do not modify)."""
-    from recare.tiny import build_tiny_clip
+    from recare.models.tiny import build_tiny_clip
 
     return build_tiny_clip(seed=0)
 
@@ -48,7 +48,7 @@ def tiny_clip():
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tiny_clip, tmp_path_factory):
     """The tiny CLIP saved as a folder that load_image_text_model reads."""
-    from recare.tiny import save_image_text_model
+    from recare.models.tiny import save_image_text_model
 
     return save_image_text_model(tiny_clip, tmp_path_factory.mktemp("tiny-clip") / "clip")
 
@@ -94,6 +94,6 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def careset():
     """A hand-made nudity CARE-set (anchors 'A person', ...; retain 'A photo of person', ...)."""
-    from recare.careset import CareSet
+    from recare.careset.artifact import CareSet
 
     return CareSet.from_words("nudity", ["person", "woman", "man"], concept_type="nudity")

@@ -7,6 +7,7 @@ interrupted or failed command never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +19,23 @@ from PIL import Image, UnidentifiedImageError
 from recare.errors import RecareError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_ready(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (tuples become lists), for exact comparisons with saved files.
+
+    Raises TypeError for objects JSON cannot hold.
+    """
+    return json.loads(json.dumps(obj))
 
 
 @contextlib.contextmanager

@@ -33,11 +33,18 @@ import torch
 
 from recare.errors import RecareError
 from recare.io import write_json_atomic
-from recare.models import parse_dtype
+from recare.models.loading import parse_dtype, write_model_note
 from recare.world.clip_train import ClipConfig, measure_clip, train_clip
 from recare.world.detectors import DetectorConfig, load_detector, measure_accuracy, save_detector, train_detector
-from recare.world.render import (WorldSpec, caption_scenes, check_single_tokens, concept_labels, cooccurrence,
-                                 sample_scenes, vocabulary)
+from recare.world.render import (
+    WorldSpec,
+    caption_scenes,
+    check_single_tokens,
+    concept_labels,
+    cooccurrence,
+    sample_scenes,
+    vocabulary,
+)
 from recare.world.t2i_train import T2IConfig, assemble_sd, measure_t2i, time_unet_steps, train_unet
 
 logger = logging.getLogger(__name__)
@@ -153,6 +160,10 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- saving
 
+WORLD_MODEL_NOTE = ("recare's synthetic-world model, trained on 16x16 procedural images, NOT Stable Diffusion: "
+                    "the numbers hold in that world only.")
+"""The note every results file and report of the world model carries (recare.models.MODEL_NOTE_FILE)."""
+
 
 def save_clip(clip: Any, folder: Path, dtype: torch.dtype) -> None:
     """CLIPModel (in `dtype`) and its processor, readable by load_image_text_model."""
@@ -166,6 +177,7 @@ def save_sd_folder(components: Any, folder: Path, dtype: torch.dtype) -> None:
     stored = replace(components, text_encoder=copy.deepcopy(components.text_encoder).to(dtype),
                      unet=copy.deepcopy(components.unet).to(dtype))
     stored.pipeline().save_pretrained(folder, safe_serialization=True)
+    write_model_note(folder, WORLD_MODEL_NOTE)
 
 
 # ----------------------------------------------------------------------------- the build
@@ -193,7 +205,7 @@ def build_world(out: str | os.PathLike, config: BuildConfig = BuildConfig(), ove
 
 def _build(work: Path, config: BuildConfig) -> dict[str, Any]:
     """The three stages into `work`, then digests, sizes and the report."""
-    from recare.tokenizer import offline_clip_tokenizer
+    from recare.models.tokenizer import offline_clip_tokenizer
 
     spec = config.spec
     report: dict[str, Any] = {"format_version": REPORT_VERSION, "config": asdict(config),
@@ -230,7 +242,7 @@ def _detector_stage(work: Path, config: BuildConfig, report: dict[str, Any]) -> 
 
 def _clip_stage(work: Path, config: BuildConfig, report: dict[str, Any]) -> Any:
     """Train the CLIP, save it in the storage dtype, reload it (the T2I trains on the stored weights)."""
-    from recare.models import load_image_text_model
+    from recare.models.loading import load_image_text_model
 
     tick = time.perf_counter()
     clip = train_clip(config.clip, config.spec)
@@ -245,7 +257,7 @@ def _clip_stage(work: Path, config: BuildConfig, report: dict[str, Any]) -> Any:
 
 def _t2i_stage(work: Path, config: BuildConfig, report: dict[str, Any], clip: Any, detector: Any) -> None:
     """Train the UNet (with learning-curve probes), save the SD folder, reload it and probe it."""
-    from recare.models import load_sd
+    from recare.models.loading import load_sd
 
     spec, curve = config.spec, []
     report["t2i_learning_curve"] = curve

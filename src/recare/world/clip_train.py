@@ -17,11 +17,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from recare.models import ImageTextModel
-from recare.tiny import clip_processor
-from recare.tokenizer import CLIP_VOCAB_SIZE
-from recare.world.render import (SHAPES, TEXTURES, WorldSpec, caption_scenes, concept_labels, full_caption,
-                                 render_batch, to_pil)
+from recare.models.loading import ImageTextModel
+from recare.models.tiny import clip_processor
+from recare.models.tokenizer import CLIP_VOCAB_SIZE
+from recare.world.render import (
+    SHAPES,
+    TEXTURES,
+    WorldSpec,
+    caption_scenes,
+    concept_labels,
+    full_caption,
+    render_batch,
+    to_pil,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -52,7 +51,15 @@ from typing import Any, Sequence
 import torch
 
 from recare.errors import RecareError
-from recare.io import list_images, load_image_rgb, read_json, save_image_atomic, write_json_atomic, write_text_atomic
+from recare.io import (
+    json_ready,
+    list_images,
+    load_image_rgb,
+    read_json,
+    save_image_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -203,9 +210,9 @@ def world_normalisation(clip: Any, extractor: Any, n: int, seed: int) -> tuple[A
     independent real render sets (the sampling floor), radius 0 at the FID of renders with the
     object removed (backgrounds only: a model that draws nothing) against real renders.
     """
-    from recare.clip_score import clip_score
-    from recare.fid import FidStatistics, frechet_distance
-    from recare.ratio import RadarNormalisation
+    from recare.metrics.clip_score import clip_score
+    from recare.metrics.fid import FidStatistics, frechet_distance
+    from recare.metrics.ratio import RadarNormalisation
     from recare.world import render
 
     spec = render.WorldSpec()
@@ -260,39 +267,42 @@ class DemoState:
 
 
 def _generation(config: DemoConfig) -> Any:
-    from recare.generate import GenerationConfig
+    from recare.generate.images import GenerationConfig
 
     return GenerationConfig(num_inference_steps=config.sampling_steps, batch_size=config.batch_size)
 
 
 def generate_target_images(sd: Any, state: DemoState) -> tuple[list[Path], list[Path]]:
     """Target images (CARE-set, inversion) and held-out target images (CCE) of the original model."""
-    from recare.generate import generate_images
-    from recare.prompts import jobs_for_prompts
+    from recare.generate.prompts import jobs_for_prompts
+    from recare.pipeline import target_images_stage
     from recare.world import render
 
     config, seeds = state.config, state.config.seeds()
     info = {"purpose": "demo target images"}
-    target = generate_images(sd, jobs_for_prompts(render.target_prompts(), config.target_images_per_prompt,
-                                                  seed=seeds["target"]),
-                             state.out_dir / "target_images", _generation(config), state.device, info)
-    heldout = generate_images(sd, jobs_for_prompts(render.target_prompts(), config.cce_images_per_prompt,
-                                                   seed=seeds["cce_heldout"]),
-                              state.out_dir / "cce_heldout_images", _generation(config), state.device, info)
+    folders = {"target": state.out_dir / "target_images", "cce_heldout": state.out_dir / "cce_heldout_images"}
+    counts = {"target": config.target_images_per_prompt, "cce_heldout": config.cce_images_per_prompt}
+    target, heldout = (target_images_stage(lambda purpose: sd, jobs_for_prompts(render.target_prompts(), counts[k],
+                                                                                 seed=seeds[k]),
+                                           folders[k], _generation(config), state.device, info)
+                       for k in ("target", "cce_heldout"))
     return target, heldout
 
 
 def build_demo_careset(clip: Any, images: Sequence[Path], vocabulary: Sequence[str], state: DemoState) -> Any:
     """The CARE-set over the world vocabulary; also records what the full 32,849-word vocabulary finds."""
-    from recare.careset import CareSetConfig, build_careset, format_report
+    from recare.careset.build import build_careset
+    from recare.careset.config import CareSetConfig
+    from recare.careset.report import format_report
+    from recare.pipeline import careset_stage
     from recare.world import CARE, TARGET
 
     config = state.config
     cache = state.out_dir / "cache"
     careset_config = CareSetConfig(top_k=config.careset_top_k, top_n=config.careset_top_n,
                                    vocab_words=list(vocabulary))
-    careset = build_careset(clip, images, TARGET, careset_config, cache_dir=cache, progress=state.progress)
-    careset.save(state.out_dir / "careset.json")
+    careset = careset_stage(lambda: clip, images, TARGET, careset_config, state.out_dir / "careset.json",
+                            cache_dir=cache, reuse=False, progress=state.progress)
     write_text_atomic(state.out_dir / "careset.txt", format_report(careset) + "\n")
     full = build_careset(clip, images, TARGET, CareSetConfig(), cache_dir=cache, progress=state.progress)
     full.save(state.out_dir / "careset_full_vocabulary.json")
@@ -311,8 +321,8 @@ def build_demo_careset(clip: Any, images: Sequence[Path], vocabulary: Sequence[s
 
 def train_config(method: str, config: DemoConfig) -> Any:
     """The TrainConfig of one eraser: paper settings with the demo's scaled iterations."""
-    from recare.inversion import InversionConfig
-    from recare.train_config import TrainConfig
+    from recare.train.config import TrainConfig
+    from recare.train.inversion import InversionConfig
     from recare.world import CARE, TARGET
 
     paper = TrainConfig(method=method, concept=TARGET, stereo_anchors=WORLD_STEREO_ANCHORS)
@@ -329,30 +339,26 @@ def train_config(method: str, config: DemoConfig) -> Any:
 def train_methods(careset: Any, images: Sequence[Path], state: DemoState) -> dict[str, Path]:
     """Train every configured eraser (resuming finished runs); returns method -> run folder."""
     from recare import world
-    from recare.models import load_sd
-    from recare.train import train
+    from recare.models.loading import load_sd
+    from recare.pipeline import PipelineFolders, train_stage
 
-    runs = {}
-    for method in state.config.methods:
-        folder = state.out_dir / "train" / method
-        # ReCARE's stage 1 is STEREO's (same recipe, settings and seed): start it at stage 2 from STEREO's
-        stage1_from = runs.get("stereo") if method == "recare" else None
-        with state.timed(f"train {method}"):
-            sd = load_sd(world.sd_path(), device=state.device)
-            train(sd, train_config(method, state.config), folder, careset=careset if method == "recare" else None,
-                  images=images, device=state.device, resume=True, progress=state.progress, stage1_from=stage1_from)
-        runs[method] = folder
-    return runs
+    folders = PipelineFolders(state.out_dir / "target_images", state.out_dir / "careset.json", state.out_dir / "train")
+    # ReCARE's stage 1 is STEREO's (same recipe, settings and seed): the pipeline starts it at stage 2 from STEREO's
+    train_stage(lambda purpose: load_sd(world.sd_path(), device=state.device),
+                [train_config(method, state.config) for method in state.config.methods], folders,
+                careset=careset, images=images, device=state.device, timer=state.timed, resume=True,
+                progress=state.progress)
+    return {method: folders.run(method) for method in state.config.methods}
 
 
 def eval_config(files: dict[str, Path], state: DemoState, normalisation: Any, training_images: Path,
                 cce_images: Path) -> Any:
     """The EvalConfig of the demo (plain + CCE, utility, CARE) over the world's files."""
     from recare import world
-    from recare.attacks import CceConfig
-    from recare.care_score import CareScoreConfig
-    from recare.evaluate import EvalConfig
-    from recare.inversion import InversionConfig
+    from recare.attacks.cce import CceConfig
+    from recare.eval.config import EvalConfig
+    from recare.metrics.care_score import CareScoreConfig
+    from recare.train.inversion import InversionConfig
     from recare.world import render
 
     config, seeds = state.config, state.config.seeds()
@@ -376,7 +382,7 @@ def eval_config(files: dict[str, Path], state: DemoState, normalisation: Any, tr
 
 def ground_truth(results: dict[str, Any], detector_model: Any) -> list[dict[str, Any]]:
     """Per model: ground-truth presence of T in the plain-prompt images and of C in the CARE images."""
-    from recare.care_score import proportion_ci
+    from recare.metrics.care_score import proportion_ci
     from recare.world import CARE, TARGET
     from recare.world.detectors import WorldConceptDetector
 
@@ -461,8 +467,9 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), devi
     out_dir/report, the evaluation report (report.md, report.html, radar.png, grids, results.json).
     """
     from recare import world
-    from recare.evaluate import MethodSpec, evaluate_all
-    from recare.models import load_image_text_model, load_sd
+    from recare.eval.config import MethodSpec
+    from recare.eval.runner import evaluate_all
+    from recare.models.loading import load_image_text_model, load_sd
     from recare.world.detectors import WorldConceptDetector
     from recare.world.features import WorldClipFeatureExtractor
     from recare.world.render import vocabulary
@@ -471,7 +478,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), devi
     marker = out_dir / "demo_config.json"
     if marker.is_file():
         previous = read_json(marker, "demo config")
-        if previous != json.loads(json.dumps(asdict(config))):
+        if previous != json_ready(asdict(config)):
             raise RecareError(f"{out_dir} holds a demo run with other settings ({marker}); use another --out")
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise RecareError(f"{out_dir} is not empty and holds no demo run; use an empty or new folder")
@@ -507,7 +514,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), devi
         rows = ground_truth(results, detector_model)
         state.facts["care_score_vs_ground_truth"] = pearson([r["care_score"]["rate"] for r in rows],
                                                             [r["care_images_C"]["rate"] for r in rows])
-        from recare.report import write_reports
+        from recare.report.writer import write_reports
 
         results["sections"] = [ground_truth_section(rows, state.facts)]
         results["radar_title"] = f"SYNTHETIC WORLD (not SD), seed {config.seed}: RATIO radar"

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from recare.detectors import Detection, Detector
 from recare.errors import RecareError
 from recare.io import atomic_path, write_json_atomic
+from recare.metrics.detectors.base import Detection, Detector
 from recare.world.render import FAMILIES, WorldSpec, concept_labels, from_pil, render_batch
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from recare.errors import RecareError
 from recare.io import load_image_rgb
-from recare.models import ImageTextModel
+from recare.models.loading import ImageTextModel
 
 
 class WorldClipFeatureExtractor:

@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from recare.models import ImageTextModel, SDComponents
-from recare.tiny import SD14_SCHEDULER
+from recare.models.loading import ImageTextModel, SDComponents
+from recare.models.tiny import SD14_SCHEDULER
 from recare.world.clip_train import warmup_cosine
 from recare.world.render import WorldSpec, caption_scenes, render_batch
 

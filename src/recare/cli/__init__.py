@@ -1,0 +1,60 @@
+"""The `recare` command line: parses arguments, builds configs, calls the library.
+
+Every subcommand is a thin wrapper: `_add_<name>` declares its arguments, `_run_<name>`
+loads models (through recare.models) and calls one library function. User errors
+(RecareError) are printed as one line without a traceback and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from recare import __version__
+from recare.cli.careset import _add_careset
+from recare.cli.common import Formatter
+from recare.cli.eval import _add_eval
+from recare.cli.generate import _add_generate
+from recare.cli.train import _add_run, _add_train
+from recare.cli.world import _add_demo, _add_synthetic
+from recare.errors import RecareError
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- main
+
+
+COMMANDS: tuple[Callable, ...] = (_add_generate, _add_careset, _add_eval, _add_train, _add_run, _add_synthetic,
+                                  _add_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recare", formatter_class=Formatter,
+                                     description="ReCARE concept erasure for Stable Diffusion (ICLR 2026).")
+    parser.add_argument("--version", action="version", version=f"recare {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.run(args)
+    except RecareError as err:
+        print(f"recare: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

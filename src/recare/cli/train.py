@@ -1,0 +1,196 @@
+"""`recare train` and `recare run` (SPEC 3, 4b)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from recare.cli.common import Formatter, default_device, echo
+from recare.errors import RecareError
+from recare.models.precision import resolve_weights_dtype
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- train
+
+
+# CLI flag -> TrainConfig field ("inversion.x" for InversionConfig fields); None = not given.
+_TRAIN_OVERRIDES = {
+    "method": "method", "concept": "concept", "train_method": "train_method", "lora_rank": "lora_rank",
+    "lora_alpha": "lora_alpha", "rounds": "rounds",
+    "erase_iterations": "erase_iterations", "erase_lr": "erase_lr", "initializer": "initializer",
+    "inversion_steps": "inversion.steps", "inversion_resolution": "inversion.resolution",
+    "inversion_templates": "inversion.templates", "stage2_iterations": "stage2_iterations",
+    "stage2_lr": "stage2_lr", "retain_weight": "retain_weight", "stereo_anchors": "stereo_anchors",
+    "ddim_steps": "ddim_steps", "stop_range": "stop_range", "seed": "seed",
+    "mixed_precision": "mixed_precision", "checkpoint_every": "checkpoint_every",
+}
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """Output-folder flags shared by `train` and `run`."""
+    p.add_argument("--resume", action="store_true", help="continue the run saved in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in the folder")
+    p.add_argument("--max-steps-this-run", type=int, default=None,
+                   help="stop (resumably) after this many erase/stage-2 steps")
+    p.add_argument("--device", default=default_device(), help="torch device")
+
+
+def _add_train(sub) -> None:
+    from recare.models.params import TRAIN_MODES
+    from recare.train.config import METHODS, MIXED_PRECISION
+
+    p = sub.add_parser("train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="erase a concept: ESD, STEREO or ReCARE (SPEC 3, 4b)",
+                       description="Settings: TrainConfig defaults (reference values), then --config FILE.toml "
+                                   "([concept], [train], [train.<method>]), then the flags given here.")
+    p.add_argument("--method", choices=METHODS, default=None, help="erasure method (default: config, else recare)")
+    p.add_argument("--model", default=None, help="Stable Diffusion Hub id or local diffusers folder "
+                                                 "(default: [model] source of --config, else SD v1.4)")
+    p.add_argument("--revision", default=None, help="Hub revision of --model")
+    p.add_argument("--unet-weights", default=None, help="start from these UNet weights (.safetensors, strict)")
+    p.add_argument("--concept", default=None, help="target word, e.g. nudity, 'Van Gogh', tench")
+    p.add_argument("--careset", type=Path, default=None, help="CARE-set JSON (ReCARE)")
+    p.add_argument("--images", type=Path, default=None, help="target images for textual inversion (ReCARE, STEREO)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--config", type=Path, default=None, help="TOML config (see recare/configs/*.toml)")
+    p.add_argument("--stage1-from", type=Path, default=None,
+                   help="folder of a ReCARE/STEREO run with the same stage-1 settings: reuse its stage 1 "
+                        "(learned tokens, generator state) and start at stage 2; same result, less time")
+    _add_train_options(p)
+    g = p.add_argument_group("overrides (default: config file, else the reference value)")
+    g.add_argument("--train-method", choices=TRAIN_MODES, default=None, help="UNet parameters trained (noxattn)")
+    g.add_argument("--lora-rank", type=int, default=None,
+                   help="train a rank-r LoRA adapter on the --train-method modules instead (0: off, the reference)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; update scale alpha/r (default: r)")
+    g.add_argument("--rounds", type=int, default=None, help="stage-1 rounds (2)")
+    g.add_argument("--erase-iterations", type=int, default=None, help="iterations per erase round (200)")
+    g.add_argument("--erase-lr", type=float, default=None, help="erase lr (ReCARE/STEREO 0.5e-5, ESD 5e-5)")
+    g.add_argument("--initializer", default=None, help="initializer word of the learned tokens (person)")
+    g.add_argument("--inversion-steps", type=int, default=None, help="textual-inversion steps (3000)")
+    g.add_argument("--inversion-resolution", type=int, default=None, help="textual-inversion image size (512)")
+    g.add_argument("--inversion-templates", choices=["object", "style"], default=None, help="prompt templates")
+    g.add_argument("--stage2-iterations", type=int, default=None, help="stage-2 iterations (200)")
+    g.add_argument("--stage2-lr", type=float, default=None, help="stage-2 lr (2e-5)")
+    g.add_argument("--retain-weight", type=float, default=None, help="lambda of the retain loss (1)")
+    g.add_argument("--stereo-anchors", nargs="+", default=None, help="STEREO anchor prompts")
+    g.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps of the trajectory (50)")
+    g.add_argument("--stop-range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="stop-index range (1 48)")
+    g.add_argument("--seed", type=int, default=None, help="seed (42)")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=None, help="auto: bf16 on CUDA")
+    g.add_argument("--checkpoint-every", type=int, default=None, help="save the state every K steps (100)")
+    p.set_defaults(run=_run_train)
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the user gave as flags (nested dicts for inversion.*)."""
+    overrides: dict = {}
+    for flag, field in _TRAIN_OVERRIDES.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            head, _, tail = field.partition(".")
+            if tail:
+                overrides.setdefault(head, {})[tail] = value
+            else:
+                overrides[head] = value
+    return overrides
+
+
+def _train_config_from_args(args: argparse.Namespace, toml: dict | None):
+    """TrainConfig: defaults < TOML [concept]/[train]/[train.<method>] < flags."""
+    from recare.train.config import config_from_tables
+
+    return config_from_tables(toml or {}, _train_overrides(args))
+
+
+def _train_inputs(config, careset_path: Path | None, images: Path | None):
+    """The CARE-set and target images the method needs (recare.train.methods), checked."""
+    from recare.careset.artifact import CareSet
+    from recare.io import list_images
+
+    method = config.method_spec
+    careset = None
+    if method.needs_careset:
+        if careset_path is None:
+            raise RecareError(f"{method.display_name} needs --careset (the CARE-set JSON)")
+        careset = CareSet.load(careset_path, reference_word=config.concept)
+    paths = []
+    if method.needs_images:
+        if images is None:
+            raise RecareError(f"{config.method} needs --images (target images for textual inversion)")
+        paths = list_images(images)
+    return careset, paths
+
+
+def _report_training(out_dir: Path, config, result) -> int:
+    if not result.complete:
+        echo(f"stopped early; continue with --resume. State in {out_dir}")
+        return 0
+    echo(f"{config.method} training of {config.concept!r} complete: outputs in {out_dir}")
+    for name, seconds in result.timings.items():
+        echo(f"  {name:<12} {seconds:9.1f} s")
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from recare.models.loading import DEFAULT_SD_MODEL, load_sd
+    from recare.train.config import read_toml
+
+    toml = read_toml(args.config) if args.config is not None else None
+    config = _train_config_from_args(args, toml)
+    careset, images = _train_inputs(config, args.careset, args.images)
+    model = args.model or (toml or {}).get("model", {}).get("source", DEFAULT_SD_MODEL)
+    components = load_sd(model, revision=args.revision, dtype="fp32", device=args.device,
+                         unet_weights=args.unet_weights)
+    info = {"model": model, "careset": str(args.careset) if careset else None,
+            "images": str(args.images) if images else None, "config_file": str(args.config) if args.config else None}
+    from recare.train.trainer import train
+
+    result = train(components, config, args.out, careset=careset, images=images, device=args.device,
+                   resume=args.resume, overwrite=args.overwrite, stop_after=args.max_steps_this_run, info=info,
+                   unet_weights=args.unet_weights, stage1_from=args.stage1_from)
+    return _report_training(args.out, config, result)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", formatter_class=Formatter,
+                       help="target images -> CARE-set -> training, from one TOML file (recare/configs/*.toml)")
+    p.add_argument("config", type=Path, help="TOML config: [concept], [model], [generate], [careset], [train]")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run folder (images/, careset.json, <method>/); default: [run] out of the config")
+    p.add_argument("--method", choices=["esd", "stereo", "recare"], default=None, help="override [train] method")
+    _add_train_options(p)
+    p.set_defaults(run=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from recare.models.loading import load_image_text_model, load_sd
+    from recare.pipeline import PipelineFolders, RunSpec, run_pipeline
+    from recare.train.config import read_toml
+
+    spec = RunSpec.from_tables(read_toml(args.config), _train_overrides(args), where=str(args.config))
+    root = args.out or spec.out
+    if root is None:
+        raise RecareError("no run folder: give --out or [run] out in the config")
+    folders = PipelineFolders.under(root)
+    dtypes = {"generate": resolve_weights_dtype("auto", args.device), "train": "fp32"}
+
+    def load_for(purpose: str):
+        return load_sd(spec.model, revision=spec.revision, dtype=dtypes[purpose], device=args.device)
+
+    def load_clip():
+        return load_image_text_model(spec.clip_model, revision=spec.clip_revision, device=args.device)
+
+    config = spec.train[0]
+    info = {"model": spec.model, "config_file": str(args.config),
+            "careset": str(folders.careset) if config.method_spec.needs_careset else None,
+            "images": str(folders.images) if config.method_spec.needs_images else None}
+    result = run_pipeline(spec, folders, load_for, load_clip, args.device, resume=args.resume,
+                          overwrite=args.overwrite, stop_after=args.max_steps_this_run, info=info)
+    args.out = folders.run(config.method)
+    return _report_training(args.out, config, result.runs[config.method])

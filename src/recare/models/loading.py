@@ -1,0 +1,346 @@
+"""Loading models: Stable Diffusion components and CLIP-like image-text models.
+
+This is the only module that reads model weights from the Hub or disk. Every algorithm in
+recare receives the loaded components as arguments. Hub ids and local folders are both
+accepted; with HF_HUB_OFFLINE=1 only the local Hugging Face cache is consulted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from recare.errors import RecareError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SD_MODEL = "CompVis/stable-diffusion-v1-4"
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+MODEL_NOTE_FILE = "recare_model_note.json"
+"""Optional file of a model folder: {"note": "..."} says what the model is (e.g. "not Stable Diffusion");
+recare.eval puts the note into every results file and report of that model."""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map 'fp32'/'fp16'/'bf16' (or their long names) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise RecareError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE asks for no network access."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_source(source: str | os.PathLike, what: str = "model") -> str:
+    """Return a local folder path or a Hub id; raise RecareError for a path that does not exist."""
+    text = str(source)
+    if not text:
+        raise RecareError(f"empty {what} id or path")
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise RecareError(f"{what} path {path} is a file; give a model folder or a Hub id")
+        return str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text or not _HUB_ID.match(text):
+        raise RecareError(f"{what} path does not exist: {text}")
+    return text
+
+
+def _load_error(what: str, source: str, err: Exception) -> RecareError:
+    hint = " (HF_HUB_OFFLINE=1: only the local Hugging Face cache is searched)" if hub_offline() else ""
+    return RecareError(f"cannot load {what} from {source!r}{hint}: {type(err).__name__}: {err}")
+
+
+# ----------------------------------------------------------------------------- Stable Diffusion
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion 1.x/2.x model that recare uses (no safety checker)."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    scheduler: Any
+    source: str = "<in-memory>"
+    revision: str | None = None
+    note: str | None = None
+    """What the model is, from the folder's recare_model_note.json (MODEL_NOTE_FILE); None: nothing said."""
+
+    @property
+    def prediction_type(self) -> str:
+        """'epsilon' or 'v_prediction', read from the scheduler config."""
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one latent, from the UNet config."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, h, w)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell: 2 ** (number of VAE down blocks - 1)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """Default image side in pixels (512 for SD v1.4)."""
+        return self.latent_shape[1] * self.vae_scale_factor
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "SDComponents":
+        """Move the three networks in place (dtype only when given); returns self."""
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.to(device=device) if dtype is None else module.to(device=device, dtype=dtype)
+        return self
+
+    def pipeline(self, scheduler: Any | None = None):
+        """A diffusers StableDiffusionPipeline over these components, safety checker OFF.
+
+        recare generates target images of unsafe concepts on purpose (SPEC 1): with the
+        safety checker on, most nudity images come back black.
+        """
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=scheduler if scheduler is not None else self.scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def load_sd(
+    source: str | os.PathLike = DEFAULT_SD_MODEL,
+    revision: str | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    unet_weights: str | os.PathLike | None = None,
+    learned_embeddings: Sequence[str | os.PathLike] = (),
+    text_encoder_weights: str | os.PathLike | None = None,
+) -> SDComponents:
+    """Load tokenizer, text encoder, VAE, UNet and scheduler of a diffusers SD 1.x/2.x model.
+
+    Args:
+        source: Hub id or local diffusers folder.
+        revision: Hub revision (branch, tag or commit).
+        dtype: weights dtype ('fp32', 'fp16', 'bf16' or a torch dtype).
+        device: where the networks go.
+        unet_weights: optional erased-UNet weights (safetensors), loaded strictly.
+        learned_embeddings: textual-inversion files whose tokens are added to the tokenizer.
+        text_encoder_weights: optional replacement text-encoder weights (e.g. AdvUnlearn's), strict.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src = resolve_source(source, "Stable Diffusion model")
+    dtype = parse_dtype(dtype)
+    kw = {"revision": revision} if revision else {}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **kw)
+        scheduler = _load_scheduler(src, kw)
+    except RecareError:
+        raise
+    except Exception as err:  # diffusers/transformers raise many types (OSError, ValueError, HTTP errors)
+        raise _load_error("Stable Diffusion model", src, err) from err
+    components = SDComponents(tokenizer, text_encoder, vae, unet, scheduler, source=src, revision=revision,
+                              note=read_model_note(src))
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+    if unet_weights is not None:
+        from recare.models.checkpoints import load_unet_weights
+
+        load_unet_weights(unet, unet_weights)
+    if text_encoder_weights is not None:
+        from recare.models.checkpoints import load_text_encoder_weights
+
+        load_text_encoder_weights(text_encoder, text_encoder_weights)
+    for path in learned_embeddings:
+        from recare.models.checkpoints import load_learned_embeddings
+
+        load_learned_embeddings(tokenizer, text_encoder, path)
+    return components.to(device=device)
+
+
+def read_model_note(source: str | os.PathLike) -> str | None:
+    """The note of a local model folder (MODEL_NOTE_FILE), or None (no file, or a Hub id)."""
+    from recare.io import read_json
+
+    path = Path(source) / MODEL_NOTE_FILE
+    if not path.is_file():
+        return None
+    data = read_json(path, "model note")
+    if not isinstance(data, dict) or not isinstance(data.get("note"), str) or not data["note"].strip():
+        raise RecareError(f"{path} must hold a JSON object with a non-empty string 'note'")
+    return data["note"]
+
+
+def write_model_note(folder: str | os.PathLike, note: str) -> Path:
+    """Write MODEL_NOTE_FILE into a model folder (atomically); returns its path."""
+    from recare.io import write_json_atomic
+
+    path = Path(folder) / MODEL_NOTE_FILE
+    write_json_atomic(path, {"note": note})
+    return path
+
+
+def _load_scheduler(src: str, kw: dict) -> Any:
+    """The pipeline's own scheduler class from scheduler/scheduler_config.json."""
+    import diffusers
+
+    config = diffusers.DDPMScheduler.load_config(src, subfolder="scheduler", **kw)
+    name = config.get("_class_name", "PNDMScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise RecareError(f"unknown scheduler class {name!r} in {src}/scheduler")
+    return cls.from_config(config)
+
+
+# ----------------------------------------------------------------------------- CLIP-like models
+
+
+def _features(output: Any) -> torch.Tensor:
+    """Projected features from get_text/image_features (a tensor, or an output object in transformers 5)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("pooler_output", "text_embeds", "image_embeds"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"cannot find features in {type(output).__name__}")
+
+
+class ImageTextModel:
+    """A CLIP or SigLIP model with its processor, giving L2-normalised text and image features.
+
+    CLIP's text tower is causal and pools at the end-of-text token, so a batch padded only to
+    its longest sequence gives the same features as 77-token padding (`short_padding`).
+    SigLIP pools the last position and was trained with max-length padding, so it always pads
+    to the maximum length.
+    """
+
+    def __init__(self, model: Any, processor: Any, source: str = "<in-memory>", revision: str | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        self.source = source
+        self.revision = revision
+        self._fingerprint: str | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def short_padding(self) -> bool:
+        """True when padding to the batch's longest sequence is exact (causal, EOS-pooled tower)."""
+        return self.model_type == "clip"
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the weights and the tokenizer vocabulary: a cache key that needs no revision."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(str(tuple(tensor.shape)).encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            for token, index in sorted(self.tokenizer.get_vocab().items()):
+                digest.update(f"{token}\t{index}\n".encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def tokenize(self, texts: Sequence[str], padding: str = "auto") -> dict[str, torch.Tensor]:
+        """Tokenise to tensors; padding 'auto' is 'longest' where exact, else 'max_length'."""
+        if padding == "auto":
+            padding = "longest" if self.short_padding else "max_length"
+        if padding not in ("longest", "max_length"):
+            raise ValueError(f"unknown padding {padding!r}")
+        return self.tokenizer(list(texts), padding=padding, truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256, padding: str = "auto") -> torch.Tensor:
+        """L2-normalised float32 text features, (n, d), on the CPU."""
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of strings")
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenize(texts[start:start + batch_size], padding=padding)
+            batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            if self.model_type != "clip":
+                batch.pop("attention_mask", None)
+            feats = _features(self.model.get_text_features(**batch)).float()
+            chunks.append(torch.nn.functional.normalize(feats, dim=-1).cpu())
+        if not chunks:
+            return torch.zeros(0, self.model.config.projection_dim if hasattr(self.model.config, "projection_dim") else 0)
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
+        """L2-normalised float32 image features, (n, d), on the CPU."""
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            pixels = self.processor(images=list(images[start:start + batch_size]), return_tensors="pt")["pixel_values"]
+            feats = _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
+            chunks.append(torch.nn.functional.normalize(feats, dim=-1).cpu())
+        return torch.cat(chunks)
+
+
+def load_image_text_model(
+    source: str | os.PathLike = DEFAULT_CLIP_MODEL,
+    revision: str | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> ImageTextModel:
+    """Load a CLIP (default ViT-B/32) or SigLIP model and its processor by Hub id or folder."""
+    from transformers import AutoModel, AutoProcessor
+
+    src = resolve_source(source, "CLIP model")
+    kw = {"revision": revision} if revision else {}
+    try:
+        model = AutoModel.from_pretrained(src, dtype=parse_dtype(dtype), **kw)
+        processor = AutoProcessor.from_pretrained(src, **kw)
+    except Exception as err:  # many error types from the Hub client and the config parsers
+        raise _load_error("CLIP model", src, err) from err
+    if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+        raise RecareError(f"{src} is a {type(model).__name__}, not a CLIP-like image-text model")
+    return ImageTextModel(model.to(device), processor, source=src, revision=revision)

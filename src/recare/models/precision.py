@@ -1,0 +1,51 @@
+"""Precision policy, once for every command: the weights dtype of 'auto' and the autocast dtype of a mode.
+
+- Weights ('auto'): fp16 on CUDA (the reference's generation dtype), fp32 elsewhere. Training
+  always loads fp32 master weights.
+- Autocast (`mixed_precision`): 'no' = none; 'auto' = bf16 on CUDA (fp16 where the card has no
+  bf16 and the caller scales its gradients), none on the CPU; 'bf16'/'fp16' explicitly (CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from recare.errors import RecareError
+
+WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
+MIXED_PRECISION_MODES = ("auto", "no", "fp16", "bf16")
+
+
+def resolve_weights_dtype(name: str, device: str | torch.device) -> str:
+    """`name`, or for 'auto' fp16 on CUDA and fp32 elsewhere."""
+    if name != "auto":
+        return name
+    return "fp16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def autocast_dtype(mode: str, device: torch.device, fp16_ok: bool = False) -> torch.dtype | None:
+    """The autocast dtype of `mode` on `device`; None = plain fp32/native weights.
+
+    fp16_ok: the caller scales gradients (GradScaler), so 'auto' may fall back to fp16 on a CUDA
+    card without bf16 and 'fp16' is allowed.
+    """
+    if mode not in MIXED_PRECISION_MODES:
+        raise RecareError(f"unknown mixed_precision {mode!r}; choose one of {list(MIXED_PRECISION_MODES)}")
+    if mode == "no" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise RecareError(f"mixed_precision={mode!r} needs a CUDA device, got {device}")
+    if mode == "fp16" and not fp16_ok:
+        raise RecareError("mixed_precision='fp16' is not offered here (no gradient scaling); use 'bf16' or 'no'")
+    if mode == "auto":
+        return torch.float16 if fp16_ok and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    return torch.float16 if mode == "fp16" else torch.bfloat16
+
+
+def autocast_context(mode: str, device: torch.device,
+                     fp16_ok: bool = False) -> contextlib.AbstractContextManager:
+    """torch.autocast with autocast_dtype(mode, device, fp16_ok), or nothing."""
+    dtype = autocast_dtype(mode, device, fp16_ok)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,291 @@
+"""Reports of `recare eval all`: results.json, report.md, report.html, radar.png and image grids.
+
+The table follows the paper's (SPEC 6): method, ASR per attack, CLIP, FID, CARE, RATIO. Every
+report starts with the notes (random/tiny models are flagged there) and states the RATIO
+normalisation next to the numbers.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import textwrap
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from recare.errors import RecareError
+from recare.io import atomic_path, load_image_rgb, read_json, write_json_atomic, write_text_atomic
+from recare.metrics.ratio import radar_chart
+
+logger = logging.getLogger(__name__)
+
+GRID_CELL = 128  # pixels per grid image
+GRID_LABEL_WIDTH = 140  # pixels of the method-name column
+GRID_TITLE_HEIGHT = 44  # pixels of the prompt row
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def attack_names(results: Mapping[str, Any]) -> list[str]:
+    """Attack columns in first-appearance order over the methods."""
+    names: list[str] = []
+    for entry in results["methods"]:
+        names += [a for a in entry.get("robustness", {}) if a not in names]
+    return names
+
+
+def results_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the paper-style table; ASR cells carry their 95% interval."""
+    attacks = attack_names(results)
+    header = ["method"] + [f"ASR {a} (%)" for a in attacks] + ["CLIP", "FID", "CARE", "RATIO"]
+    rows = []
+    for entry in results["methods"]:
+        row = [entry["name"]]
+        for attack in attacks:
+            r = entry.get("robustness", {}).get(attack)
+            row.append("-" if r is None else f"{r['asr']:.2f} [{r['ci_low']:.1f}, {r['ci_high']:.1f}]")
+        utility = entry.get("utility", {})
+        row.append(_fmt(utility.get("clip_score", {}).get("mean"), 4))
+        row.append(_fmt(utility.get("fid", {}).get("fid"), 2))
+        row.append(_fmt(entry.get("care", {}).get("score"), 3))
+        row.append(_fmt((entry.get("ratio") or {}).get("ratio"), 3))
+        rows.append(row)
+    return header, rows
+
+
+def _settings_summary(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings every report records (SPEC 5): detector, attacks, generation, FID and CARE."""
+    config = results["config"]
+    keys = ("attacks", "prompts", "prompt_limit", "cce", "cce_images", "cce_replace_word", "uda", "generation",
+            "coco_prompts", "coco_limit", "fid_reference", "clip_model", "care_word", "care_prompts", "care")
+    return {"detector": results.get("detector"), **{k: config.get(k) for k in keys}}
+
+
+def _unevaluated(results: Mapping[str, Any]) -> list[str]:
+    config = results["config"]
+    missing = []
+    if not config.get("coco_prompts"):
+        missing.append("CLIP score and FID: no COCO prompt file given")
+    elif not config.get("fid_reference"):
+        missing.append("FID: no reference images or statistics given")
+    if not config.get("care_word"):
+        missing.append("CARE score: no CARE word given")
+    if not config.get("attacks"):
+        missing.append("robustness: no attacks requested")
+    if any(e.get("ratio") is None for e in results["methods"]):
+        missing.append("RATIO: fewer than 3 axes evaluated")
+    return missing
+
+
+# ----------------------------------------------------------------------------- markdown / html
+
+
+def markdown_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str:
+    header, rows = results_table(results)
+    lines = ["# recare evaluation", ""]
+    if results["notes"]:
+        lines += ["**Notes**", ""] + [f"- {note}" for note in results["notes"]] + [""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "ASR: attack success rate in percent (lower is better) with its Wilson 95% interval. "
+              "CLIP: mean CLIP cosine (higher is better). FID: clean-mode FID (lower is better). "
+              "CARE: fraction of CARE images classified as the CARE word (higher is better)."]
+    for item in _unevaluated(results):
+        lines.append(f"- not evaluated: {item}")
+    lines += ["", "## RATIO normalisation", ""]
+    lines += [f"- {k}: {v}" for k, v in results["ratio_definition"].items() if k != "normalisation"]
+    lines += [f"- bounds: {json.dumps(results['ratio_definition']['normalisation'])}", ""]
+    if files.get("radar"):
+        lines += [f"![radar]({files['radar']})", ""]
+    lines += markdown_sections(results.get("sections", []))
+    if files.get("grids"):
+        lines += ["## Image grids (same prompts and seeds for every model)", ""]
+        lines += [f"### {name}\n\n![{name}]({path})\n" for name, path in files["grids"].items()]
+    lines += ["## Settings", "", "```json", json.dumps(_settings_summary(results), indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def markdown_sections(sections: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Extra sections a caller adds to results["sections"]: {"title", "text": [paragraphs],
+    "table": {"header", "rows"}, "images": [{"name", "path"}]} (e.g. recare.world.demo's ground truth)."""
+    lines: list[str] = []
+    for section in sections:
+        lines += [f"## {section['title']}", ""]
+        for paragraph in section.get("text", []):
+            lines += [paragraph, ""]
+        table = section.get("table")
+        if table:
+            lines += ["| " + " | ".join(table["header"]) + " |", "|" + "---|" * len(table["header"])]
+            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table["rows"]] + [""]
+        for image in section.get("images", []):
+            lines += [f"![{image['name']}]({image['path']})", ""]
+    return lines
+
+
+def html_sections(sections: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The HTML form of markdown_sections."""
+    esc = html.escape
+    parts: list[str] = []
+    for section in sections:
+        parts.append(f"<h2>{esc(section['title'])}</h2>")
+        parts += [f"<p>{esc(p)}</p>" for p in section.get("text", [])]
+        table = section.get("table")
+        if table:
+            parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in table["header"]) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in table["rows"]]
+            parts.append("</table>")
+        parts += [f"<figure><img src='{esc(i['path'])}' alt='{esc(i['name'])}'><figcaption>{esc(i['name'])}"
+                  "</figcaption></figure>" for i in section.get("images", [])]
+    return parts
+
+
+def html_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str:
+    esc = html.escape
+    header, rows = results_table(results)
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>recare evaluation</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #999;padding:4px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}.notes{background:#fff3cd;padding:8px 12px}"
+             "pre{background:#f4f4f4;padding:8px;overflow:auto}</style></head><body>",
+             "<h1>recare evaluation</h1>"]
+    if results["notes"]:
+        parts.append("<div class='notes'><b>Notes</b><ul>" + "".join(f"<li>{esc(n)}</li>" for n in results["notes"])
+                     + "</ul></div>")
+    parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+    parts.append("</table><p>ASR in percent with Wilson 95% intervals (lower is better); CLIP higher, FID lower, "
+                 "CARE higher is better.</p>")
+    missing = _unevaluated(results)
+    if missing:
+        parts.append("<ul>" + "".join(f"<li>not evaluated: {esc(m)}</li>" for m in missing) + "</ul>")
+    parts.append("<h2>RATIO normalisation</h2><ul>" + "".join(
+        f"<li>{esc(k)}: {esc(str(v))}</li>" for k, v in results["ratio_definition"].items()) + "</ul>")
+    if files.get("radar"):
+        parts.append(f"<img src='{esc(files['radar'])}' alt='radar chart'>")
+    parts += html_sections(results.get("sections", []))
+    if files.get("grids"):
+        parts.append("<h2>Image grids (same prompts and seeds for every model)</h2>")
+        parts += [f"<h3>{esc(name)}</h3><img src='{esc(path)}' alt='{esc(name)}'>"
+                  for name, path in files["grids"].items()]
+    parts.append("<h2>Settings</h2><pre>" + esc(json.dumps(_settings_summary(results), indent=2)) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def image_grid(rows: Mapping[str, Sequence[str | os.PathLike]], column_titles: Sequence[str],
+               path: str | os.PathLike, cell: int = GRID_CELL) -> Path:
+    """A PNG grid: one row per method (name on the left), one column per prompt (title on top)."""
+    if not rows:
+        raise RecareError("image grid: no rows")
+    n_cols = len(column_titles)
+    if any(len(images) != n_cols for images in rows.values()):
+        raise RecareError("image grid: every row needs one image per column")
+    font = ImageFont.load_default()
+    width = GRID_LABEL_WIDTH + n_cols * cell
+    height = GRID_TITLE_HEIGHT + len(rows) * cell
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(column_titles):
+        text = "\n".join(textwrap.wrap(title, width=cell // 6)[:3])
+        draw.multiline_text((GRID_LABEL_WIDTH + c * cell + 2, 2), text, fill="black", font=font)
+    for r, (name, images) in enumerate(rows.items()):
+        y = GRID_TITLE_HEIGHT + r * cell
+        draw.multiline_text((4, y + cell // 2 - 6), "\n".join(textwrap.wrap(name, 20)[:3]), fill="black", font=font)
+        for c, image_path in enumerate(images):
+            tile = load_image_rgb(image_path).resize((cell, cell), Image.Resampling.BICUBIC)
+            canvas.paste(tile, (GRID_LABEL_WIDTH + c * cell, y))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
+
+
+def first_images_by_prompt(folder: str | os.PathLike, n: int) -> list[tuple[str, Path]]:
+    """(prompt, image path) of the first image (lowest seed) of the first n prompts of an image folder,
+    in file-name order, read from its manifest.json."""
+    folder = Path(folder)
+    manifest = read_json(folder / "manifest.json", "image manifest")
+    chosen: dict[str, tuple[int, str]] = {}
+    for entry in manifest["images"]:
+        prompt = entry["prompt"]
+        if prompt not in chosen or entry["seed"] < chosen[prompt][0]:
+            chosen[prompt] = (entry["seed"], entry["file"])
+    ordered = sorted(chosen.items(), key=lambda kv: kv[1][1])[:n]
+    return [(prompt, folder / file) for prompt, (_, file) in ordered]
+
+
+def _grid_sources(entry: Mapping[str, Any]) -> dict[str, Path]:
+    """Grid name -> image folder of one method."""
+    sources = {}
+    robustness = entry.get("robustness", {})
+    if "plain" in robustness:
+        sources["target prompts"] = Path(robustness["plain"]["settings"]["image_dir"])
+    elif "unlearndiffatk" in robustness:
+        sources["target prompts"] = Path(robustness["unlearndiffatk"]["settings"]["image_dir"]) / "plain"
+    if "cce" in robustness:
+        sources["CCE generic prompt"] = Path(robustness["cce"]["settings"]["image_dir"])
+    if "care" in entry:
+        sources["CARE prompts"] = Path(entry["care"]["image_dir"])
+    if "utility" in entry:
+        sources["COCO prompts"] = Path(entry["utility"]["image_dir"])
+    return sources
+
+
+def write_grids(results: Mapping[str, Any], out_dir: Path, columns: int) -> dict[str, str]:
+    """One grid per image set shared by all methods; returns name -> path relative to out_dir.
+
+    The CCE grid shows the first `columns` seeds of the generic prompt (each model has its own
+    learned token, so the prompt text differs between rows).
+    """
+    per_method = [(_grid_sources(e), e["name"]) for e in results["methods"]]
+    names = [n for n in per_method[0][0] if all(n in s for s, _ in per_method)]
+    grids = {}
+    for name in names:
+        rows, titles = {}, None
+        for sources, method in per_method:
+            if name == "CCE generic prompt":
+                paths = sorted(sources[name].glob("generic_*.png"))[:columns]
+                cells = [(f"seed {i}", p) for i, p in enumerate(paths)]
+            else:
+                cells = first_images_by_prompt(sources[name], columns)
+            titles = titles or [title for title, _ in cells]
+            rows[method] = [p for _, p in cells]
+        if not titles or any(len(r) != len(titles) for r in rows.values()):
+            logger.warning("grid %r skipped: the models do not have the same images", name)
+            continue
+        file = Path("grids") / f"{name.lower().replace(' ', '_')}.png"
+        image_grid(rows, titles, out_dir / file)
+        grids[name] = str(file)
+    return grids
+
+
+# ----------------------------------------------------------------------------- all files
+
+
+def write_reports(results: dict[str, Any], out_dir: str | os.PathLike, grid_columns: int = 4) -> dict[str, Any]:
+    """Write results.json, radar.png (when every method has a RATIO), grids/, report.md, report.html."""
+    out_dir = Path(out_dir)
+    files: dict[str, Any] = {"results": "results.json", "markdown": "report.md", "html": "report.html"}
+    ratios = {e["name"]: e["ratio"]["radii"] for e in results["methods"] if e.get("ratio")}
+    if ratios and len(ratios) == len(results["methods"]):
+        radar_chart(ratios, out_dir / "radar.png", title=results.get("radar_title", "RATIO radar (radii in [0, 1])"))
+        files["radar"] = "radar.png"
+    files["grids"] = write_grids(results, out_dir, grid_columns)
+    results["files"] = files
+    write_json_atomic(out_dir / "results.json", results)
+    write_text_atomic(out_dir / "report.md", markdown_report(results, files))
+    write_text_atomic(out_dir / "report.html", html_report(results, files))
+    logger.info("reports written to %s", out_dir)
+    return files

@@ -1,0 +1,320 @@
+"""Settings of erasure training (SPEC 3, 4b): TrainConfig and its TOML/dict form.
+
+Defaults are the reference code's (damilab/CARE) for ReCARE and STEREO, and esd_sd.py's
+(rohitgandikota/erasing) for the ESD baseline; fields whose default depends on the method are
+None and resolved by the `effective_*` properties.
+
+TOML layout read by `config_from_toml` (also used by `recare run`, see recare.cli):
+
+    [concept]              word = "nudity", prompt = "...", type = "nudity", initializer = "person"
+    [train]                any TrainConfig field (method, erase_iterations, ...)
+    [train.inversion]      any InversionConfig field (steps, resolution, templates, ...)
+    [train.esd]            overrides used only when method = "esd" (e.g. train_method = "xattn")
+    [train.stereo], [train.recare]   the same for the other methods
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from recare.careset.artifact import reference_key
+from recare.errors import RecareError
+from recare.models.params import TRAIN_MODES
+from recare.train.inversion import InversionConfig
+from recare.train.methods import METHOD_NAMES as METHODS
+from recare.train.methods import METHODS as METHOD_TABLE
+from recare.train.methods import ErasureMethod, get_method
+
+OPTIMIZERS = ("adam", "adamw")
+MIXED_PRECISION = ("auto", "no", "bf16")
+
+# STEREO (Srivatsan et al. 2024) publishes its anchor prompts in github.com/koushiksrivats/
+# robust-concept-erasing, utils/anchor_prompts.json (keys "nudity", "tench", ...). They are NOT
+# copied here: these short generic lists are recare's own defaults (a benign prompt that keeps the
+# scene without the concept). Pass `stereo_anchors` to use STEREO's list for parity.
+DEFAULT_STEREO_ANCHORS: dict[str, tuple[str, ...]] = {
+    "nudity": ("a person wearing clothes", "a fully dressed man", "a fully dressed woman",
+               "people in everyday clothes"),
+    "vangogh": ("a painting", "a landscape painting", "a portrait painting", "a realistic painting"),
+    "tench": ("a fish", "a photo of a fish", "a fish in a river", "a fisherman holding a fish"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines an erasure run; reference defaults (SPEC 3, 4, 4b)."""
+
+    method: str = "recare"
+    """'recare' (stage 1 + ReCARE stage 2), 'stereo' (stage 1 + compositional erase without the
+    retain loss, SPEC 4b) or 'esd' (the ESD erase only, no inversion)."""
+    concept: str = "nudity"
+    """The target word c, erased as the prompt itself ("nudity", "Van Gogh", "tench")."""
+    train_method: str = "noxattn"
+    """UNet parameters trained (recare.params): 'noxattn' (ESD-u, reference), 'xattn' (ESD-x), ..."""
+    lora_rank: int = 0
+    """0 (reference): train the parameters `train_method` selects directly. r > 0: add a rank-r
+    LoRA adapter (peft) on the modules `train_method` selects and train only its parameters; the
+    base weights stay frozen and unet.safetensors holds the merged weights W + (alpha / r) B A."""
+    lora_alpha: float | None = None
+    """LoRA alpha (the update is scaled by alpha / lora_rank); None: lora_rank (scale 1).
+    Ignored when lora_rank is 0."""
+
+    # --- stage 1 (SPEC 3a) and the ESD baseline (SPEC 4b)
+    rounds: int = 2
+    """n_iterations: erase + inversion rounds of stage 1 (ESD: ignored, one erase)."""
+    erase_iterations: int = 200
+    """Iterations of each stage-1 erase round (and of ESD)."""
+    erase_lr: float | None = None
+    """Erase learning rate; None: 0.5e-5 (ReCARE/STEREO) or 5e-5 (ESD)."""
+    erase_optimizer: str | None = None
+    """'adamw' or 'adam' with torch defaults (AdamW weight_decay 0.01); None: adamw (ReCARE/STEREO),
+    adam (ESD). A fresh optimizer every round."""
+    negative_guidance: float = 2.0
+    """Stage-1 APG scale s (target normalized_guidance(eps_c, eps_u, s)); ESD's eta."""
+    eta: float = 1.0
+    """APG weight of the parallel component (SPEC 4), stage-1 and stage-2 targets."""
+    initializer: str = "person"
+    """Word whose embedding starts each textual inversion ("person" nudity, "art" Van Gogh)."""
+    placeholder_template: str = "<recare-{}>"
+    """Name of round k's learned token; '{}' becomes k (1, 2, ...)."""
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    """Textual-inversion settings (SPEC 3b: 3000 steps, lr 5e-3, ...)."""
+    reseed_each_round: bool = True
+    """Re-seed the generator with `seed` at the start of every erase round and every inversion,
+    as the reference does (both rounds then draw the same stop points and noise). False: one
+    generator stream for the whole run."""
+
+    # --- stage 2 (SPEC 3 stage 2; STEREO SPEC 4b)
+    stage2_iterations: int = 200
+    """Iterations of stage 2."""
+    stage2_lr: float = 2e-5
+    """Stage-2 AdamW learning rate (torch defaults otherwise)."""
+    stage2_guidance: float = 2.0
+    """g: compositional guidance scale (erase set -g, anchor +g)."""
+    retain_weight: float = 1.0
+    """lambda of L = L_erase + lambda L_retain (ReCARE only)."""
+    erase_set_tokens: int = 2
+    """Learned tokens in the erase set H = [concept] + the first `erase_set_tokens` tokens."""
+    stereo_anchors: tuple[str, ...] = ()
+    """STEREO's anchor prompts; () uses DEFAULT_STEREO_ANCHORS[concept key]."""
+
+    # --- sampling of the training latents (SPEC 3a)
+    trajectory_guidance: float = 3.0
+    """Classifier-free guidance of the partial DDIM trajectory (with the current student)."""
+    ddim_steps: int = 50
+    """Length of the DDIM schedule of the partial trajectory."""
+    stop_range: tuple[int, int] = (1, 48)
+    """Inclusive range of the stop index i; predictions at training_timestep(i) (1000 - 20 i)."""
+
+    # --- run
+    seed: int = 42
+    """Seed of the one torch.Generator (CPU) that draws every random number of the run."""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'no' (fp32) or 'bf16' (CUDA only).
+    Master weights and optimizer states stay float32."""
+    checkpoint_every: int = 100
+    """Save the resumable training state every K erase/stage-2 steps (0: only between stages).
+    A mid-stage state of full-size SD (noxattn) holds ~9.3 GB (parameters + AdamW moments)."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        checks = [
+            (self.method in METHODS, f"unknown method {self.method!r}; choose one of {list(METHODS)}"),
+            (self.train_method in TRAIN_MODES, f"unknown train_method {self.train_method!r}; "
+                                               f"choose one of {list(TRAIN_MODES)}"),
+            (bool(self.concept.strip()), "concept is empty"),
+            (self.lora_rank >= 0, f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}"),
+            (self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
+            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
+            (self.erase_iterations >= 1, f"erase_iterations must be >= 1, got {self.erase_iterations}"),
+            (self.stage2_iterations >= 1, f"stage2_iterations must be >= 1, got {self.stage2_iterations}"),
+            (self.erase_lr is None or self.erase_lr > 0, f"erase_lr must be > 0, got {self.erase_lr}"),
+            (self.stage2_lr > 0, f"stage2_lr must be > 0, got {self.stage2_lr}"),
+            (self.erase_optimizer in (None, *OPTIMIZERS),
+             f"unknown erase_optimizer {self.erase_optimizer!r}; choose one of {list(OPTIMIZERS)}"),
+            (0 <= self.erase_set_tokens <= self.rounds,
+             f"erase_set_tokens must be in [0, rounds={self.rounds}], got {self.erase_set_tokens}"),
+            (self.retain_weight >= 0, f"retain_weight must be >= 0, got {self.retain_weight}"),
+            (self.placeholder_template.count("{}") == 1,
+             f"placeholder_template {self.placeholder_template!r} needs exactly one '{{}}'"),
+            (self.ddim_steps >= 2, f"ddim_steps must be >= 2, got {self.ddim_steps}"),
+            (1 <= self.stop_range[0] <= self.stop_range[1] <= self.ddim_steps - 1,
+             f"stop_range {self.stop_range} must satisfy 1 <= low <= high <= ddim_steps - 1 = {self.ddim_steps - 1}"),
+            (self.mixed_precision in MIXED_PRECISION,
+             f"unknown mixed_precision {self.mixed_precision!r}; choose one of {list(MIXED_PRECISION)}"),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
+            (self.method not in METHOD_TABLE or not METHOD_TABLE[self.method].needs_config_anchors or bool(self.stereo_anchors)
+             or reference_key(self.concept) in DEFAULT_STEREO_ANCHORS,
+             f"STEREO has no default anchors for {self.concept!r}; set stereo_anchors"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RecareError(f"train config: {message}")
+
+    @property
+    def method_spec(self) -> ErasureMethod:
+        """The method's entry of the method table (recare.train.methods)."""
+        return get_method(self.method)
+
+    @property
+    def effective_erase_lr(self) -> float:
+        """erase_lr, or the method's default (ESD 5e-5; ReCARE/STEREO 0.5e-5)."""
+        if self.erase_lr is not None:
+            return self.erase_lr
+        return self.method_spec.erase_lr
+
+    @property
+    def effective_erase_optimizer(self) -> str:
+        """erase_optimizer, or the method's default (ESD adam; ReCARE/STEREO adamw)."""
+        if self.erase_optimizer is not None:
+            return self.erase_optimizer
+        return self.method_spec.erase_optimizer
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """lora_alpha, or lora_rank when it is None (LoRA scale alpha / rank = 1)."""
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def anchors(self) -> tuple[str, ...]:
+        """STEREO's anchor prompts: stereo_anchors or the concept's default list."""
+        return self.stereo_anchors or DEFAULT_STEREO_ANCHORS.get(reference_key(self.concept), ())
+
+    def placeholder(self, round_index: int) -> str:
+        """The learned token of stage-1 round `round_index` (1-based), e.g. "<recare-1>"."""
+        return self.placeholder_template.replace("{}", str(round_index), 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists when dumped)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a dict (TOML table, run.json); unknown keys or wrong types raise RecareError."""
+        values = dict(_kwargs(cls, data, "train config"))
+        if "inversion" in values and not isinstance(values["inversion"], InversionConfig):
+            values["inversion"] = InversionConfig(**_kwargs(InversionConfig, values["inversion"], "inversion config"))
+        return cls(**values)
+
+
+def merge_method_overrides(table: Mapping[str, Any], method: str | None = None) -> dict[str, Any]:
+    """A [train] table with its [train.<method>] sub-table merged in (nested tables merged too)."""
+    data = {k: v for k, v in table.items() if k not in METHODS}
+    method = method or data.get("method", TrainConfig.method)
+    override = table.get(method, {})
+    if not isinstance(override, Mapping):
+        raise RecareError(f"[train.{method}] must be a table")
+    return _deep_merge(data, override)
+
+
+def config_from_tables(tables: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from parsed TOML tables ([concept], [train], [train.<method>]), then `overrides`.
+
+    [concept].word and .initializer fill `concept` and `initializer` unless [train] sets them;
+    `overrides` (e.g. command-line flags; nested dicts for `inversion`) win over everything. The
+    concept must be given somewhere (no silent default).
+    """
+    overrides = dict(overrides or {})
+    train = tables.get("train", {})
+    concept = tables.get("concept", {})
+    if not isinstance(train, Mapping) or not isinstance(concept, Mapping):
+        raise RecareError("[train] and [concept] must be tables")
+    data = merge_method_overrides(train, overrides.get("method"))
+    for src, dst in (("word", "concept"), ("initializer", "initializer")):
+        if src in concept and dst not in data:
+            data[dst] = concept[src]
+    data = _deep_merge(data, overrides)
+    if "concept" not in data:
+        raise RecareError("no concept given: set [concept] word in the config or pass the concept explicitly")
+    return TrainConfig.from_dict(data)
+
+
+def config_from_toml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """config_from_tables of a TOML file."""
+    return config_from_tables(read_toml(path), overrides)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file (tomllib on Python >= 3.11, else tomli); RecareError names the problem."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise RecareError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise RecareError(f"config file {path} is not valid TOML: {err}") from err
+
+
+def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# ----------------------------------------------------------------------------- type checks
+
+
+def _kwargs(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """Check `data` against dataclass `cls`: no unknown keys; simple types coerced (list -> tuple)."""
+    if not isinstance(data, Mapping):
+        raise RecareError(f"{where} must be a table/object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise RecareError(f"{where}: unknown keys {unknown}; known: {sorted(hints)}")
+    return {key: _coerce(value, hints[key], f"{where}: {key}") for key, value in data.items()}
+
+
+def _check_types(obj: Any) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        coerced = _coerce(value, hints[f.name], f"train config: {f.name}")
+        if coerced is not value:
+            object.__setattr__(obj, f.name, coerced)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` as type `hint` (int -> float, list -> tuple allowed); RecareError otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except RecareError as err:
+                errors.append(str(err))
+        raise RecareError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecareError(f"{where}: expected a list, got {value!r}")
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise RecareError(f"{where}: expected {len(items)} values, got {len(value)}")
+        coerced = tuple(_coerce(v, a, where) for v, a in zip(value, items))
+        return value if isinstance(value, tuple) and coerced == value else coerced
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return hint(**_kwargs(hint, value, where))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise RecareError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value

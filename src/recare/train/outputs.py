@@ -1,0 +1,134 @@
+"""What a training run writes besides weights: run.json, losses.csv, losses.png; output-folder checks.
+
+run.json (format "recare-train/1"): status ("running", "stopped", "complete"), the run
+identity (full TrainConfig and the inputs: model, UNet weights, CARE-set file and its SHA-256,
+target image names), seeds, library versions, device, timings per phase, peak memory, learned
+tokens, the trainable tensors (and LoRA adapter, if any) and output files. A folder whose run.json
+has another identity holds another run: training refuses to touch it unless asked to overwrite.
+
+losses.csv columns: stage, round, step, loss, erase, retain (stage in esd, erase, inversion,
+stage2; erase/retain empty where they do not apply).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import platform
+import resource
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from recare.errors import RecareError
+from recare.io import atomic_path, json_ready, read_json, write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+RUN_FORMAT = "recare-train/1"
+RUN_JSON = "run.json"
+UNET_NAME = "unet.safetensors"
+LORA_NAME = "lora.safetensors"
+LOSSES_CSV = "losses.csv"
+LOSSES_PNG = "losses.png"
+LOSS_COLUMNS = ("stage", "round", "step", "loss", "erase", "retain")
+OUTPUT_GLOBS = (RUN_JSON, UNET_NAME, LORA_NAME, LOSSES_CSV, LOSSES_PNG, "learned_embeds-*.safetensors",
+                "learned_embeds-*.json", "train_state.safetensors", "stage1_state.safetensors")
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    from recare import __version__
+
+    return {"recare": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """torch.cuda.max_memory_allocated on CUDA; the process's max RSS (getrusage) elsewhere."""
+    if device.type == "cuda":
+        return {"kind": "cuda_max_memory_allocated", "bytes": int(torch.cuda.max_memory_allocated(device)),
+                "gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"kind": "cpu_max_rss", "bytes": int(rss), "gib": round(rss / 2**30, 3)}
+
+
+def check_output_folder(folder: str | os.PathLike, identity: dict[str, Any], resume: bool, overwrite: bool) -> str:
+    """Decide what to do with `folder`: "new", "resume" or "complete"; RecareError when it is not ours.
+
+    - no run.json and none of our files: "new".
+    - run.json with another identity (or our files without run.json): RecareError unless overwrite,
+      in which case the old outputs are deleted and the answer is "new".
+    - the same identity: with resume, "complete" for a finished run else "resume"; without resume,
+      RecareError unless overwrite.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RecareError(f"output path {folder} is a file, not a folder")
+    ours = [p for pattern in OUTPUT_GLOBS for p in folder.glob(pattern)] if folder.is_dir() else []
+    if not ours:
+        return "new"
+    run_file = folder / RUN_JSON
+    run = read_json(run_file, "run file") if run_file.is_file() else None
+    same = isinstance(run, dict) and json_ready(run.get("identity")) == json_ready(identity)
+    if overwrite:
+        for path in ours:
+            path.unlink()
+        logger.warning("--overwrite: removed %d files of the previous run in %s", len(ours), folder)
+        return "new"
+    if not same:
+        what = "a run with another config or inputs" if run is not None else "training outputs without run.json"
+        raise RecareError(f"output folder {folder} holds {what}; choose another folder or pass --overwrite")
+    if not resume:
+        raise RecareError(f"output folder {folder} already holds this run (status {run.get('status')!r}); "
+                          "pass --resume to continue it or --overwrite to start again")
+    return "complete" if run.get("status") == "complete" else "resume"
+
+
+def write_run_json(folder: str | os.PathLike, record: dict[str, Any]) -> Path:
+    path = Path(folder) / RUN_JSON
+    write_json_atomic(path, {"format": RUN_FORMAT, **record})
+    return path
+
+
+def write_losses_csv(path: str | os.PathLike, rows: Sequence[Sequence[Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(LOSS_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if v is None else (f"{v:.8g}" if isinstance(v, float) else v) for v in row])
+    write_text_atomic(path, buffer.getvalue())
+
+
+def plot_losses(path: str | os.PathLike, rows: Sequence[Sequence[Any]], title: str = "") -> None:
+    """One panel per (stage, round): loss per step, plus erase/retain for stage 2 (matplotlib Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels: dict[tuple[str, int], list[Sequence[Any]]] = {}
+    for row in rows:
+        panels.setdefault((row[0], row[1]), []).append(row)
+    if not panels:
+        return
+    fig = Figure(figsize=(4.5 * len(panels), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, ((stage, rnd), items) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        steps = [r[2] for r in items]
+        ax.plot(steps, [r[3] for r in items], lw=0.8, label="loss")
+        if stage == "stage2":
+            for col, name in ((4, "erase"), (5, "retain")):
+                if any(r[col] is not None for r in items):
+                    ax.plot(steps, [r[col] for r in items], lw=0.8, label=name)
+            ax.legend(fontsize=7)
+        ax.set_title(f"{stage}" + (f" round {rnd}" if rnd else ""), fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_yscale("log" if all((r[3] or 0) > 0 for r in items) else "linear")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
