@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from recare.careset import (CareSetConfig, build_careset, careset_from_features, check_reference_word,
-                            encode_image_inputs, top_k_candidates)
-from recare.tiny import build_clip_vit_b32
-from recare.vocab import VOCAB_MODES, encode_texts_by_length, encode_vocabulary, vocabulary_entries
+from recare.careset.algorithm import top_k_candidates
+from recare.careset.build import build_careset, careset_from_features, check_reference_word, encode_image_inputs
+from recare.careset.config import CareSetConfig
+from recare.careset.vocab import VOCAB_MODES, encode_texts_by_length, encode_vocabulary, vocabulary_entries
+from recare.models.tiny import build_clip_vit_b32
 
 COLD_TARGET_S, WARM_TARGET_S = 180.0, 30.0
 

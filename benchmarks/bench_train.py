@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from recare.careset import CareSet
-from recare.inversion import InversionConfig
-from recare.models import SDComponents
-from recare.train import Phase, Trainer, run_identity, train
-from recare.train_config import TrainConfig
-from recare.train_report import peak_memory
+from recare.careset.artifact import CareSet
+from recare.models.loading import SDComponents
+from recare.train.config import TrainConfig
+from recare.train.inversion import InversionConfig
+from recare.train.outputs import peak_memory
+from recare.train.trainer import Phase, Trainer, run_identity, train
 
 PAPER = {"minutes": 28.33, "memory": "24 GB", "card": "H100"}
 PERF_REFERENCE = {"minutes": 29.9, "memory": "27.2 GiB", "card": "H200",
@@ -63,8 +63,8 @@ def build_sd14_random(device: str, seed: int = 0) -> SDComponents:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from recare.tiny import SD14_SCHEDULER
-    from recare.tokenizer import offline_clip_tokenizer
+    from recare.models.tiny import SD14_SCHEDULER
+    from recare.models.tokenizer import offline_clip_tokenizer
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -86,7 +86,7 @@ def memory_plan(train_method: str = "noxattn") -> dict[str, float]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from recare.params import select_parameters
+    from recare.models.params import select_parameters
 
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(**SD14_UNET), AutoencoderKL(**SD14_VAE)
@@ -103,7 +103,7 @@ def memory_plan(train_method: str = "noxattn") -> dict[str, float]:
 
 
 def build_tiny(device: str) -> SDComponents:
-    from recare.tiny import build_tiny_sd
+    from recare.models.tiny import build_tiny_sd
 
     return build_tiny_sd(seed=0).to(device)
 
