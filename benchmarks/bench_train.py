@@ -35,7 +35,9 @@ from recare.models.loading import SDComponents
 from recare.train.config import TrainConfig
 from recare.train.inversion import InversionConfig
 from recare.train.outputs import peak_memory
-from recare.train.trainer import Phase, Trainer, run_identity, train
+from recare.train.run import train
+from recare.train.state import run_identity
+from recare.train.trainer import Phase, Trainer
 
 PAPER = {"minutes": 28.33, "memory": "24 GB", "card": "H100"}
 PERF_REFERENCE = {"minutes": 29.9, "memory": "27.2 GiB", "card": "H200",

@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     # train
     "TrainConfig": "recare.train.config", "InversionConfig": "recare.train.inversion",
     "ErasureMethod": "recare.train.methods", "METHODS": "recare.train.methods", "get_method": "recare.train.methods",
-    "train": "recare.train.trainer", "TrainResult": "recare.train.trainer",
+    "train": "recare.train.run", "TrainResult": "recare.train.run",
     # attacks and metrics
     "CceConfig": "recare.attacks.cce", "UnlearnDiffAtkConfig": "recare.attacks.unlearndiff",
     "CareScoreConfig": "recare.metrics.care_score", "evaluate_care_score": "recare.metrics.care_score",
@@ -85,4 +85,4 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real imports
     from recare.train.config import TrainConfig
     from recare.train.inversion import InversionConfig
     from recare.train.methods import METHODS, ErasureMethod, get_method
-    from recare.train.trainer import TrainResult, train
+    from recare.train.run import TrainResult, train

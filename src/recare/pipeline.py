@@ -32,7 +32,8 @@ from recare.generate.prompts import PromptJob, jobs_for_prompt
 from recare.io import list_images
 from recare.models.loading import DEFAULT_CLIP_MODEL, DEFAULT_SD_MODEL, ImageTextModel, SDComponents
 from recare.train.config import TrainConfig, config_from_tables
-from recare.train.trainer import STAGE2_FIELDS, TrainResult, train
+from recare.train.run import TrainResult, train
+from recare.train.state import STAGE2_FIELDS
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from recare.train import trainer as train_module
 from recare.train.config import TrainConfig, config_from_toml
 from recare.train.inversion import InversionConfig
 from recare.train.losses import esd_target, recare_erase_target, stage1_erase_target
+from recare.train.run import train
 from recare.train.sampling import make_ddim_scheduler
 from recare.train.state import STAGE1_NAME, STATE_NAME, load_state
 from recare.train.steps import (
@@ -30,7 +31,7 @@ from recare.train.steps import (
     teacher_copy,
     teacher_epsilon,
 )
-from recare.train.trainer import plan_phases, train
+from recare.train.trainer import plan_phases
 
 CONFIGS = Path(__file__).resolve().parents[2] / "src" / "recare" / "configs"
 

@@ -17,6 +17,7 @@ from recare.models.params import merged_state_dict, select_modules
 from recare.train import trainer as train_module
 from recare.train.config import TrainConfig, config_from_tables
 from recare.train.inversion import InversionConfig
+from recare.train.run import train
 from recare.train.sampling import make_ddim_scheduler
 from recare.train.state import load_state
 from recare.train.steps import (
@@ -27,7 +28,6 @@ from recare.train.steps import (
     teacher_epsilon,
     trainable_parameters,
 )
-from recare.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

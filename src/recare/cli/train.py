@@ -146,7 +146,7 @@ def _run_train(args: argparse.Namespace) -> int:
                          unet_weights=args.unet_weights)
     info = {"model": model, "careset": str(args.careset) if careset else None,
             "images": str(args.images) if images else None, "config_file": str(args.config) if args.config else None}
-    from recare.train.trainer import train
+    from recare.train.run import train
 
     result = train(components, config, args.out, careset=careset, images=images, device=args.device,
                    resume=args.resume, overwrite=args.overwrite, stop_after=args.max_steps_this_run, info=info,

@@ -10,6 +10,6 @@ recare.config. The pure math (guidance, losses) imports nothing that loads model
 
 from recare.train.config import TrainConfig, config_from_tables, config_from_toml
 from recare.train.inversion import InversionConfig
-from recare.train.trainer import TrainResult, train
+from recare.train.run import TrainResult, train
 
 __all__ = ["InversionConfig", "TrainConfig", "TrainResult", "config_from_tables", "config_from_toml", "train"]

@@ -12,17 +12,21 @@ Resuming from it reproduces an uninterrupted run bit for bit on the CPU (tested)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from recare.careset.artifact import CareSet
 from recare.errors import RecareError
 from recare.io import atomic_path
+from recare.models.loading import SDComponents
+from recare.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -141,3 +145,26 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str],
         by_param.setdefault(index[name], {})[entry] = value.clone()
     current = optimizer.state_dict()
     optimizer.load_state_dict({"state": by_param, "param_groups": current["param_groups"]})
+
+
+STAGE2_FIELDS = ("method", "stage2_iterations", "stage2_lr", "stage2_guidance", "retain_weight", "erase_set_tokens",
+                 "stereo_anchors", "checkpoint_every")
+"""TrainConfig fields that stage 1 does not read (checkpoint_every changes no number: resumes are exact)."""
+
+
+def run_identity(components: SDComponents, config: TrainConfig, careset: CareSet | None,
+                 images: Sequence[str | os.PathLike], unet_weights: str | None = None) -> dict[str, Any]:
+    """What makes two runs the same run: the config and the inputs (not paths of moved files)."""
+    careset_digest = None
+    if careset is not None and config.method_spec.needs_careset:
+        blob = json.dumps([careset.reference_word, careset.anchors, careset.retain_prompts]).encode()
+        careset_digest = hashlib.sha256(blob).hexdigest()
+    return {"config": config.to_dict(), "model": components.source, "revision": components.revision,
+            "unet_weights": unet_weights, "careset_sha256": careset_digest,
+            "images": sorted(Path(p).name for p in images) if config.method_spec.needs_images else []}
+
+
+def stage1_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run identity that determines stage 1 (no stage-2 settings, no CARE-set)."""
+    config = {k: v for k, v in identity["config"].items() if k not in STAGE2_FIELDS}
+    return {**{k: v for k, v in identity.items() if k != "careset_sha256"}, "config": config}
