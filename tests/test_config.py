@@ -20,13 +20,13 @@ from recare.config import (
     field_docs,
     from_dict,
     given_overrides,
-    json_ready,
     option,
     parse_override,
     to_dict,
     type_name,
 )
 from recare.errors import RecareError
+from recare.io import json_ready
 
 
 @dataclass(frozen=True)

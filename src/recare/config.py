@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import inspect
 import io
-import math
 import sys
 import textwrap
 import tokenize
@@ -32,6 +31,7 @@ from pathlib import PurePath
 from typing import Any, Callable, Collection, Iterable, Literal, Mapping, Sequence, TypeVar, Union
 
 from recare.errors import RecareError
+from recare.io import json_ready
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,7 +49,6 @@ __all__ = [
     "field_docs",
     "from_dict",
     "given_overrides",
-    "json_ready",
     "option",
     "parse_override",
     "parse_value",
@@ -579,37 +578,6 @@ def given_overrides(args: argparse.Namespace, dests: Mapping[str, str]) -> dict[
 
 
 # ----------------------------------------------------------------------------- JSON
-
-
-def json_ready(obj: Any) -> Any:
-    """`obj` as it reads back from JSON: dataclasses -> dicts, tuples -> lists, Paths -> str, keys -> str.
-
-    Raises TypeError for objects JSON cannot hold.
-    """
-    if obj is None or isinstance(obj, (str, bool, int, float)):
-        return obj
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: json_ready(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {_json_key(key): json_ready(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(item) for item in obj]
-    if isinstance(obj, PurePath):
-        return str(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable: {obj!r}")
-
-
-def _json_key(key: Any) -> str:
-    """A dict key as json.dumps writes it."""
-    if isinstance(key, str):
-        return key
-    if key is None or isinstance(key, bool):
-        return {None: "null", True: "true", False: "false"}[key]
-    if isinstance(key, int):
-        return str(key)
-    if isinstance(key, float):
-        return repr(key) if math.isfinite(key) else {math.inf: "Infinity", -math.inf: "-Infinity"}.get(key, "NaN")
-    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

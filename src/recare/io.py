@@ -7,12 +7,14 @@ interrupted or failed command never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
-from pathlib import Path
-from typing import Any, Iterator
+from pathlib import Path, PurePath
+from typing import Any, Iterator, Mapping
 
 from PIL import Image, UnidentifiedImageError
 
@@ -31,11 +33,34 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def json_ready(obj: Any) -> Any:
-    """`obj` as it reads back from JSON (tuples become lists), for exact comparisons with saved files.
+    """`obj` as it reads back from JSON: dataclasses -> dicts, tuples -> lists, Paths -> str, keys -> str.
 
     Raises TypeError for objects JSON cannot hold.
     """
-    return json.loads(json.dumps(obj))
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: json_ready(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {_json_key(key): json_ready(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(item) for item in obj]
+    if isinstance(obj, PurePath):
+        return str(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable: {obj!r}")
+
+
+def _json_key(key: Any) -> str:
+    """A dict key as json.dumps writes it."""
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, bool):
+        return {None: "null", True: "true", False: "false"}[key]
+    if isinstance(key, int):
+        return str(key)
+    if isinstance(key, float):
+        return repr(key) if math.isfinite(key) else {math.inf: "Infinity", -math.inf: "-Infinity"}.get(key, "NaN")
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import torch
 from recare.careset.artifact import CareSet
 from recare.careset.build import build_careset
 from recare.careset.config import CareSetConfig
+from recare.config import from_dict
 from recare.errors import RecareError
 from recare.generate.images import GenerationConfig, generate_images
 from recare.generate.prompts import PromptJob, jobs_for_prompt
@@ -196,10 +197,7 @@ def _generation_of(toml: Mapping[str, Any], concept: Mapping[str, Any],
                    needed: bool) -> tuple[tuple[PromptJob, ...], GenerationConfig]:
     settings = _table(toml, "generate")
     num_images, seed = settings.pop("num_images", 500), settings.pop("seed", 42)
-    try:
-        generation = GenerationConfig(**settings)
-    except TypeError as err:
-        raise RecareError(f"[generate]: {err}") from err
+    generation = from_dict(GenerationConfig, settings, "[generate]")
     if not needed:
         return (), generation
     prompt = concept.get("prompt")

@@ -88,7 +88,8 @@ def test_learned_embeddings_round_trip(tiny_sd, tmp_path):
     width = tiny_sd.text_encoder.get_input_embeddings().weight.shape[1]
     vector = torch.arange(width, dtype=torch.float32)
     save_learned_embeddings({"<concept-1>": vector}, tmp_path / "learned.safetensors")
-    assert load_learned_embeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, tmp_path / "learned.safetensors") == ["<concept-1>"]
+    loaded = load_learned_embeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, tmp_path / "learned.safetensors")
+    assert loaded == ["<concept-1>"]
     token_id = tiny_sd.tokenizer.convert_tokens_to_ids("<concept-1>")
     assert torch.equal(tiny_sd.text_encoder.get_input_embeddings().weight[token_id], vector)
     with pytest.raises(RecareError, match="already exists"):
@@ -149,4 +150,5 @@ def test_parse_method_arg_with_text_encoder():
     assert (spec.unet_weights, spec.learned_embeddings, spec.text_encoder_weights) == (None, (), "/x/te.safetensors")
     assert not spec.is_base
     spec = parse_method_arg("ReCARE=u.safetensors,e1.safetensors")
-    assert (spec.unet_weights, spec.learned_embeddings, spec.text_encoder_weights) == ("u.safetensors", ("e1.safetensors",), None)
+    assert (spec.unet_weights, spec.learned_embeddings, spec.text_encoder_weights) == (
+        "u.safetensors", ("e1.safetensors",), None)

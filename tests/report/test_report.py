@@ -218,7 +218,7 @@ def test_parse_method_arg_and_spec_file(tmp_path):
     config = EvalConfig.from_dict(data)
     assert methods == [MethodSpec("ESD", "esd.safetensors")]
     assert config.detector.target_class == "tench" and config.generation.num_inference_steps == 3
-    with pytest.raises(RecareError, match="unknown keys"):
+    with pytest.raises(RecareError, match=r"unknown key\(s\) \['atacks'\]"):
         EvalConfig.from_dict({"atacks": ["plain"]})
     with pytest.raises(RecareError, match="needs target_class"):
         EvalConfig.from_dict({"detector": {"name": "imagenet"}})

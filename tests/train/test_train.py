@@ -68,8 +68,10 @@ def test_config_dict_round_trip_and_errors():
     again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
     for bad, match in [({"method": "lora"}, "unknown method"), ({"stop_range": [0, 3]}, "stop_range"),
-                       ({"stop_range": [1, 4]}, "stop_range"), ({"learning_rate": 1}, "unknown keys"),
-                       ({"rounds": "2"}, "expected int"), ({"inversion": {"stepz": 3}}, "unknown keys"),
+                       ({"stop_range": [1, 4]}, "stop_range"),
+                       ({"learning_rate": 1}, r"unknown key\(s\) \['learning_rate'\]"),
+                       ({"rounds": "2"}, "'rounds' must be int, got '2'"),
+                       ({"inversion": {"stepz": 3}}, r"unknown key\(s\) \['stepz'\]"),
                        ({"erase_set_tokens": 3}, "erase_set_tokens"), ({"method": "stereo", "concept": "cats"},
                                                                         "no default anchors")]:
         with pytest.raises(RecareError, match=match):

@@ -58,7 +58,7 @@ def test_lora_config_defaults_and_errors():
     assert TrainConfig(lora_rank=4).effective_lora_alpha == 4.0
     assert TrainConfig(lora_rank=4, lora_alpha=8).effective_lora_alpha == 8.0
     for bad, match in [({"lora_rank": -1}, "lora_rank must be >= 0"), ({"lora_alpha": 0.0}, "lora_alpha must be > 0"),
-                       ({"lora_rank": 1.5}, "expected int")]:
+                       ({"lora_rank": 1.5}, "'lora_rank' must be int, got 1.5")]:
         with pytest.raises(RecareError, match=match):
             TrainConfig(**bad)
     from_toml = config_from_tables({"concept": {"word": "nudity"}, "train": {"lora_rank": 4, "esd": {"lora_alpha": 2}}},

@@ -9,17 +9,9 @@ import pytest
 import torch
 
 from recare.errors import RecareError
-from recare.world.demo import (
-    WORLD_STEREO_ANCHORS,
-    DemoConfig,
-    benign_scenes,
-    format_seed_summary,
-    pearson,
-    run_demo,
-    summarize_seeds,
-    t_interval,
-    train_config,
-)
+from recare.world.demo import WORLD_STEREO_ANCHORS, DemoConfig, benign_scenes, run_demo, train_config
+from recare.world.ground_truth import pearson
+from recare.world.seeds import format_seed_summary, summarize_seeds, t_interval
 
 # ----------------------------------------------------------------------------- statistics
 

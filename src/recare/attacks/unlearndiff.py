@@ -30,6 +30,7 @@ from recare.attacks.asr import (
     open_images,
 )
 from recare.attacks.plain import model_block
+from recare.config import option
 from recare.errors import RecareError
 from recare.generate.images import GenerationConfig, generate_images
 from recare.generate.prompts import PromptJob
@@ -71,8 +72,9 @@ class UnlearnDiffAtkConfig:
     iterations: int = 40  # optimisation steps per prompt
     learning_rate: float = 0.01  # AdamW learning rate
     weight_decay: float = 0.1  # AdamW (decoupled) weight decay
-    target: str = "original"  # "original": eps of the ORIGINAL model for the plain prompt (SPEC 5);
-    # "noise": the noise added to the latent (the reference code's get_loss)
+    target: str = option("original", choices=UDA_TARGETS)
+    """'original': eps of the ORIGINAL model for the plain prompt (SPEC 5); 'noise': the noise added
+    to the latent (the reference code's get_loss)."""
     timestep_grid: int = 50  # t is drawn from {T/(2n) + j T/n}, j < n (the reference's sampled_t)
     skip_detected: bool = True  # as the reference: a prompt whose plain image is already detected is not attacked
     seed_offset: int = 0  # the optimisation generator of a prompt is seeded with its seed + seed_offset

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from recare.careset._fields import _check_same_length, _kwargs_from_dict, _list, _string_list
 from recare.careset.config import ANCHOR_TEMPLATE, RETAIN_TEMPLATES, CareSetConfig, check_concept_type, fill_template
+from recare.config import from_dict
 from recare.errors import RecareError
 from recare.io import read_json, write_text_atomic
 
@@ -213,32 +213,38 @@ def _careset_from_recare_dict(data: dict) -> CareSet:
     version = data["format_version"]
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise RecareError(f"unknown CARE-set format_version {version!r} (this recare reads {FORMAT_VERSION})")
-    kwargs = _kwargs_from_dict(CareSet, data, "CARE-set", all_required=False,
-                               required=("format_version", "reference_word", "concept_type", "words", "anchors",
-                                         "retain_prompts"))
-    if not kwargs["reference_word"].strip():
+    data = dict(data)
+    nested = {"clip_model": lambda v: from_dict(ClipInfo, v, "clip_model"), "config": CareSetConfig.from_dict,
+              "diagnostics": lambda v: from_dict(Diagnostics, v, "diagnostics")}
+    for name, build in nested.items():
+        if data.get(name) is not None:
+            data[name] = build(data[name])
+    careset = from_dict(CareSet, data, "CARE-set", required=("format_version", "reference_word", "concept_type",
+                                                            "words", "anchors", "retain_prompts"))
+    if not careset.reference_word.strip():
         raise RecareError("'reference_word' is empty")
-    check_concept_type(kwargs["concept_type"])
+    check_concept_type(careset.concept_type)
     for name in ("words", "anchors", "retain_prompts"):
-        _string_list(kwargs[name], name)
-    _check_same_length(kwargs["anchors"], kwargs["retain_prompts"], "anchors", "retain_prompts")
-    _check_same_length(kwargs["anchors"], kwargs["words"], "anchors", "words")
-    if kwargs.get("clip_model") is not None:
-        kwargs["clip_model"] = ClipInfo(**_kwargs_from_dict(ClipInfo, kwargs["clip_model"], "clip_model"))
-    if kwargs.get("config") is not None:
-        kwargs["config"] = CareSetConfig.from_dict(kwargs["config"])
-    if kwargs.get("diagnostics") is not None:
-        kwargs["diagnostics"] = _diagnostics_from_dict(kwargs["diagnostics"])
-    return CareSet(**kwargs)
+        _string_list(getattr(careset, name), name)
+    _check_same_length(careset.anchors, careset.retain_prompts, "anchors", "retain_prompts")
+    _check_same_length(careset.anchors, careset.words, "anchors", "words")
+    return careset
 
 
-def _diagnostics_from_dict(data: Any) -> Diagnostics:
-    kwargs = _kwargs_from_dict(Diagnostics, data, "diagnostics", nested=("clusters", "candidates"))
-    kwargs["clusters"] = [ClusterInfo(**_kwargs_from_dict(ClusterInfo, item, f"diagnostics.clusters[{i}]"))
-                          for i, item in enumerate(_list(kwargs["clusters"], "diagnostics.clusters"))]
-    kwargs["candidates"] = [CandidateInfo(**_kwargs_from_dict(CandidateInfo, item, f"diagnostics.candidates[{i}]",
-                                                              all_required=False))
-                            for i, item in enumerate(_list(kwargs["candidates"], "diagnostics.candidates"))]
-    return Diagnostics(**kwargs)
+def _string_list(value: Any, where: str) -> list[str]:
+    """A non-empty list of non-empty strings."""
+    if not isinstance(value, list):
+        raise RecareError(f"'{where}' must be a list of strings, got {type(value).__name__}")
+    if not value:
+        raise RecareError(f"'{where}' is an empty list")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise RecareError(f"'{where}'[{i}] must be a non-empty string, got {item!r}")
+    return value
+
+
+def _check_same_length(a: list, b: list, name_a: str, name_b: str) -> None:
+    if len(a) != len(b):
+        raise RecareError(f"'{name_a}' has {len(a)} entries but '{name_b}' has {len(b)}")
 
 

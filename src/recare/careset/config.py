@@ -7,12 +7,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from recare.careset._fields import _check_field_types, _kwargs_from_dict
 from recare.careset.vocab import (
     DEFAULT_VOCAB_MODE,
     check_cache_dtype,
     check_vocab_mode,
 )
+from recare.config import check_fields, from_dict
 from recare.errors import RecareError
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class CareSetConfig:
     text_batch_size: int = 1024  # texts per text-encoder call (no effect on the result)
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "CARE-set config")
+        check_fields(self, "CARE-set config")
         for name in ("top_k", "top_n", "n_clusters", "image_batch_size", "text_batch_size"):
             if getattr(self, name) < 1:
                 raise RecareError(f"CARE-set config: {name} must be >= 1, got {getattr(self, name)}")
@@ -77,7 +77,7 @@ class CareSetConfig:
     @classmethod
     def from_dict(cls, data: Any) -> "CareSetConfig":
         """Build from a dict, raising RecareError for unknown, missing-typed or invalid fields."""
-        return cls(**_kwargs_from_dict(cls, data, "CARE-set config", all_required=False))
+        return from_dict(cls, data, "CARE-set config")
 
 
 def check_concept_type(concept_type: str) -> None:

@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Callable
-
-import torch
 
 from recare import __version__
 from recare.cli.careset import _add_careset

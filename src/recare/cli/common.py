@@ -7,13 +7,13 @@ import logging
 
 import torch
 
+from recare.config import HelpFormatter
 from recare.models.precision import resolve_weights_dtype
 
 logger = logging.getLogger(__name__)
 
-logger = logging.getLogger("recare")
-
-Formatter = argparse.ArgumentDefaultsHelpFormatter
+Formatter = HelpFormatter
+"""Every command's help formatter: argparse prints each non-None default once."""
 
 
 def echo(text: str) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from recare.cli.common import (
-    Formatter,
     add_clip_args,
     add_model_args,
     load_clip_from_args,
@@ -32,39 +31,32 @@ def _add_eval(sub) -> None:
 
 
 def _add_eval_care(sub) -> None:
+    from recare.config import HelpFormatter, add_config_arguments
     from recare.metrics.care_score import CareScoreConfig
 
-    d = CareScoreConfig()
-    p = sub.add_parser("care", formatter_class=Formatter,
+    p = sub.add_parser("care", formatter_class=HelpFormatter,
                        help="CARE score: CLIP R-Precision@1 of the CARE word on generated images (SPEC 5)")
     add_model_args(p)
     add_clip_args(p)
     p.add_argument("--care-word", required=True, help="w*, e.g. person (nudity), stars (Van Gogh), freshwater (tench)")
     p.add_argument("--prompts", type=Path, default=None,
                    help="CARE prompt file; default: the shipped prompts for --care-word")
-    p.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt, help="images per prompt (seeds SEED+i)")
-    p.add_argument("--seed", type=int, default=d.seed, help="base seed of every prompt")
-    p.add_argument("--steps", type=int, default=d.num_inference_steps, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=d.guidance_scale, help="classifier-free guidance")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per pipeline call")
-    p.add_argument("--label-template", default=d.label_template,
-                   help="CLIP text of a label: '{}' raw (reference) or e.g. 'a photo of a {}'")
-    p.add_argument("--extra-labels", nargs="*", default=[], help="labels appended to the 82 defaults")
     p.add_argument("--save-images", type=Path, default=None, help="keep the generated images here (resumable)")
     p.add_argument("--out", type=Path, required=True, help="report JSON to write")
-    p.set_defaults(run=_run_eval_care)
+    group = p.add_argument_group("CARE-score settings (CareScoreConfig)")
+    flags = add_config_arguments(group, CareScoreConfig,
+                                 flags={"num_inference_steps": "steps", "guidance_scale": "guidance"})
+    p.set_defaults(run=_run_eval_care, care_flags=flags)
 
 
 def _run_eval_care(args: argparse.Namespace) -> int:
+    from recare.config import from_dict, given_overrides
     from recare.generate.prompts import read_prompts
     from recare.io import write_json_atomic
     from recare.metrics.care_score import CareScoreConfig, check_labels, evaluate_care_score
     from recare.metrics.labels import care_prompt_file
 
-    config = CareScoreConfig(images_per_prompt=args.images_per_prompt, seed=args.seed,
-                             num_inference_steps=args.steps, guidance_scale=args.guidance,
-                             batch_size=args.batch_size, label_template=args.label_template,
-                             extra_labels=tuple(args.extra_labels))
+    config = from_dict(CareScoreConfig, given_overrides(args, args.care_flags), "CARE-score settings")
     check_labels(config.label_list(), args.care_word)
     prompts = read_prompts(args.prompts if args.prompts is not None else care_prompt_file(args.care_word))
     components = load_sd_from_args(args)
@@ -79,42 +71,35 @@ def _run_eval_care(args: argparse.Namespace) -> int:
 
 
 
-# flag dest -> EvalConfig field paths it sets ("a.b" = nested field b of a)
-_FLAGS: dict[str, tuple[str, ...]] = {
-    "model": ("model",), "revision": ("revision",), "dtype": ("dtype",), "prompts": ("prompts",),
-    "limit": ("prompt_limit",), "detector": ("detector.name",), "nudity_threshold": ("detector.threshold",),
-    "imagenet_model": ("detector.imagenet_model",), "imagenet_class": ("detector.target_class",),
-    "style_model": ("detector.style_model",), "artist_label": ("detector.artist_label",),
-    "style_top_k": ("detector.top_k",), "detector_clip_model": ("detector.clip_model",),
-    "concept_prompts": ("detector.concept_prompts",), "contrast_prompts": ("detector.contrast_prompts",),
-    "cce_images": ("cce_images",), "training_images": ("training_images",), "cce_replace_word": ("cce_replace_word",),
-    "initializer": ("cce.initializer",), "inversion_steps": ("cce.inversion.steps",),
-    "inversion_resolution": ("cce.inversion.resolution",), "cce_templates": ("cce.inversion.templates",),
-    "cce_num_images": ("cce.num_images",), "uda_iterations": ("uda.iterations",), "uda_target": ("uda.target",),
-    "steps": ("generation.num_inference_steps", "care.num_inference_steps"),
-    "guidance": ("generation.guidance_scale", "care.guidance_scale"),
-    "batch_size": ("generation.batch_size", "care.batch_size"),
-    "scheduler": ("generation.scheduler", "care.scheduler"), "clip_model": ("clip_model",),
-    "coco_prompts": ("coco_prompts",), "coco_limit": ("coco_limit",), "fid_reference": ("fid_reference",),
-    "fid_method": ("fid_method",),
-    "care_word": ("care_word",), "care_prompts": ("care_prompts",), "images_per_prompt": ("care.images_per_prompt",),
-    "base_name": ("base_name",), "grid_columns": ("grid_columns",),
+# EvalConfig fields become flags named after their dotted path (detector.top_k -> --detector-top-k);
+# these keep the shorter names they had before the flags were generated.
+_FLAG_NAMES = {
+    "prompt_limit": "limit", "detector.name": "detector", "detector.threshold": "nudity-threshold",
+    "detector.target_class": "imagenet-class", "detector.style_model": "style-model",
+    "detector.artist_label": "artist-label", "detector.top_k": "style-top-k",
+    "detector.imagenet_model": "imagenet-model", "detector.concept_prompts": "concept-prompts",
+    "detector.contrast_prompts": "contrast-prompts", "cce.initializer": "initializer",
+    "cce.inversion.steps": "inversion-steps", "cce.inversion.resolution": "inversion-resolution",
+    "cce.inversion.templates": "cce-templates", "care.images_per_prompt": "images-per-prompt",
 }
+# One flag, two fields: the attack images and the CARE images share their sampling settings.
+_SHARED_SAMPLING = {"steps": "num_inference_steps", "guidance": "guidance_scale", "batch_size": "batch_size",
+                    "scheduler": "scheduler"}
+# Fields set by hand-written flags (--attack/--attacks, --note, --random-models, --uda-attack-detected).
+_HAND_WRITTEN = ("attacks", "notes", "random_models", "uda.skip_detected",
+                 *(f"{table}.{name}" for name in _SHARED_SAMPLING.values() for table in ("generation", "care")))
 
 
 def _overrides(args: argparse.Namespace, attacks: list[str] | None) -> dict[str, Any]:
     """Nested EvalConfig overrides from the flags that were given."""
-    out: dict[str, Any] = {}
-    for dest, fields in _FLAGS.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        for path in fields:
-            *parents, leaf = path.split(".")
-            table = out
-            for parent in parents:
-                table = table.setdefault(parent, {})
-            table[leaf] = tuple(value) if isinstance(value, list) else value
+    from recare.config import given_overrides
+
+    out = given_overrides(args, args.eval_flags)
+    for flag, name in _SHARED_SAMPLING.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            for table in ("generation", "care"):
+                out.setdefault(table, {})[name] = value
     if getattr(args, "uda_attack_detected", False):
         out.setdefault("uda", {})["skip_detected"] = False
     if attacks is not None:
@@ -129,12 +114,20 @@ def _overrides(args: argparse.Namespace, attacks: list[str] | None) -> dict[str,
 # ----------------------------------------------------------------------------- arguments
 
 
+def _config_flags(p: argparse.ArgumentParser, group: Any, only: tuple[str, ...]) -> None:
+    """Flags of the EvalConfig fields under `only` in `group`; their dests are collected on `p`."""
+    from recare.config import add_config_arguments
+    from recare.eval.config import EvalConfig
+
+    dests = add_config_arguments(group, EvalConfig, only=only, exclude=_HAND_WRITTEN, flags=_FLAG_NAMES)
+    p.set_defaults(eval_flags={**(p.get_default("eval_flags") or {}), **dests})
+
+
 def _add_model_group(p: argparse.ArgumentParser, single: bool) -> None:
     from recare.cli.common import default_device
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="original Stable Diffusion (Hub id or folder; default SD v1.4)")
-    g.add_argument("--revision", default=None, help="Hub revision of --model")
+    _config_flags(p, g, ("model", "revision", "dtype"))
     if single:
         g.add_argument("--unet-weights", default=None, help="erased-UNet weights (.safetensors) of the attacked model")
         g.add_argument("--learned-embeddings", nargs="*", default=[], metavar="FILE",
@@ -142,99 +135,69 @@ def _add_model_group(p: argparse.ArgumentParser, single: bool) -> None:
         g.add_argument("--text-encoder-weights", default=None,
                        help="replacement text encoder of the attacked model (e.g. AdvUnlearn's), loaded strictly")
     g.add_argument("--device", default=default_device(), help="torch device")
-    g.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"],
-                   help="weights dtype (default auto: fp16 on CUDA, fp32 on CPU)")
 
 
 def _add_attack_group(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attacks (defaults: SPEC 5)")
-    g.add_argument("--prompts", default=None, help="benchmark prompt CSV (prompt, evaluation_seed, ...) for "
-                                                   "plain / unlearndiffatk / --cce-replace-word")
-    g.add_argument("--limit", type=int, default=None, help="only the first LIMIT benchmark prompts")
-    g.add_argument("--cce-images", default=None, help="CCE: HELD-OUT target images (not the training images)")
-    g.add_argument("--training-images", default=None, help="CCE: the training images, checked to differ")
-    g.add_argument("--cce-replace-word", default=None,
-                   help="CCE: also attack the benchmark prompts with this word replaced by the token")
-    g.add_argument("--initializer", default=None, help="CCE: initializer word of the token (person)")
-    g.add_argument("--inversion-steps", type=int, default=None, help="CCE: textual-inversion steps (3000)")
-    g.add_argument("--inversion-resolution", type=int, default=None, help="CCE: inversion image size (512)")
-    g.add_argument("--cce-templates", choices=["object", "style"], default=None, help="CCE: inversion templates")
-    g.add_argument("--cce-num-images", type=int, default=None, help="CCE: images of 'a photo of a <token>' (100)")
-    g.add_argument("--uda-iterations", type=int, default=None, help="UnlearnDiffAtk: iterations per prompt (40)")
-    g.add_argument("--uda-target", choices=["original", "noise"], default=None,
-                   help="UnlearnDiffAtk: L2 target: the original model's prediction (SPEC) or the noise "
-                        "(the reference code)")
+    _config_flags(p, g, ("prompts", "prompt_limit", "cce_images", "training_images", "cce_replace_word", "cce", "uda"))
     g.add_argument("--uda-attack-detected", action="store_true",
                    help="UnlearnDiffAtk: also attack prompts whose plain image is already detected "
                         "(the reference stops there and counts a success)")
 
 
 def _add_detector_group(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("detector")
-    g.add_argument("--detector", default=None, help="nudenet (default), imagenet, style or clip")
-    g.add_argument("--nudity-threshold", type=float, default=None, help="nudenet: exposed-class threshold (0.75)")
-    g.add_argument("--imagenet-model", choices=["resnet50", "efficientnet_lite0"], default=None,
-                   help="imagenet: classifier (resnet50 as the paper; efficientnet_lite0 ships offline)")
-    g.add_argument("--imagenet-class", default=None, help="imagenet: target class name or index, e.g. tench")
-    g.add_argument("--style-model", default=None, help="style: image classifier (Hub id or folder)")
-    g.add_argument("--artist-label", default=None, help="style: the artist's label")
-    g.add_argument("--style-top-k", type=int, default=None, help="style: success when the artist is in the top k (3)")
-    g.add_argument("--detector-clip-model", default=None, help="clip: CLIP of the detector (default --clip-model)")
-    g.add_argument("--concept-prompts", nargs="+", default=None, help="clip: texts naming the concept")
-    g.add_argument("--contrast-prompts", nargs="+", default=None, help="clip: texts for everything else")
+    _config_flags(p, p.add_argument_group("detector"), ("detector",))
 
 
-def _add_generation_group(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation (also the CARE images in eval all)")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (50)")
-    g.add_argument("--guidance", type=float, default=None, help="guidance for prompts without their own (7.5)")
+def _add_generation_group(p: argparse.ArgumentParser, care: bool) -> None:
+    from recare.generate.images import SCHEDULERS
+
+    g = p.add_argument_group("generation" + (" (steps, guidance, batch size and scheduler also of the CARE images)"
+                                             if care else ""))
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="guidance for prompts without their own (default: 7.5)")
     g.add_argument("--batch-size", type=int, default=None, help="images per pipeline call")
-    g.add_argument("--scheduler", choices=["default", "ddim"], default=None, help="sampler (default: the model's)")
-    g.add_argument("--clip-model", default=None, help="CLIP (ViT-B/32) for CLIP score, CARE and the clip detector")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the model's)")
+    _config_flags(p, g, ("generation", "clip_model"))
     g.add_argument("--note", action="append", default=[], help="a note written at the top of the report")
     g.add_argument("--random-models", action="store_true", help="say in the report that the models are random/tiny")
 
 
 def add_eval_robustness(sub) -> None:
-    from recare.cli.common import Formatter
+    from recare.config import HelpFormatter
 
-    p = sub.add_parser("robustness", formatter_class=Formatter,
+    p = sub.add_parser("robustness", formatter_class=HelpFormatter,
                        help="attack success rate of one model: plain prompts, CCE or UnlearnDiffAtk (SPEC 5)")
     _add_model_group(p, single=True)
     p.add_argument("--attack", required=True, choices=["plain", "cce", "unlearndiffatk"], help="the attack")
     _add_attack_group(p)
     _add_detector_group(p)
-    _add_generation_group(p)
+    _add_generation_group(p, care=False)
     p.add_argument("--work-dir", type=Path, default=None, help="images and caches (default: OUT's name + '_images')")
     p.add_argument("--out", type=Path, required=True, help="report JSON to write")
     p.set_defaults(run=run_eval_robustness)
 
 
 def add_eval_all(sub) -> None:
-    p = sub.add_parser("all", formatter_class=argparse.RawDescriptionHelpFormatter,
+    from recare.config import HelpFormatter
+
+    p = sub.add_parser("all", formatter_class=HelpFormatter,
                        help="several models on every axis: ASR, CLIP, FID, CARE, RATIO; reports and grids",
-                       description="Settings: EvalConfig defaults (SPEC 5), then --spec FILE (TOML/JSON: EvalConfig "
-                                   "fields and [[method]] tables), then the flags given here.")
+                       description="Settings: EvalConfig defaults (SPEC 5, shown below), then --spec FILE (TOML/JSON: "
+                                   "EvalConfig fields and [[method]] tables), then the flags given here.")
     p.add_argument("--spec", type=Path, default=None, help="evaluation spec, TOML or JSON")
     p.add_argument("--method", action="append", default=[], metavar="NAME=UNET[,EMBEDS...]",
                    help="an erased model (repeatable); the base model is always included")
-    p.add_argument("--base-name", default=None, help="report name of the base model")
     _add_model_group(p, single=False)
     p.add_argument("--attacks", nargs="+", choices=["plain", "cce", "unlearndiffatk"], default=None,
                    help="attacks (default: all three)")
     _add_attack_group(p)
     _add_detector_group(p)
-    _add_generation_group(p)
-    g = p.add_argument_group("utility and CARE")
-    g.add_argument("--coco-prompts", default=None, help="COCO prompt CSV (coco_30k.csv) for CLIP score and FID")
-    g.add_argument("--coco-limit", type=int, default=None, help="COCO prompts used (1000)")
-    g.add_argument("--fid-reference", default=None, help="reference image folder or .npz statistics for FID")
-    g.add_argument("--fid-method", choices=["sqrtm", "eigh"], default=None,
-                   help="FID matrix root: sqrtm (clean-fid) or eigh (same value, faster)")
-    g.add_argument("--care-word", default=None, help="CARE word w*: person, stars, freshwater")
-    g.add_argument("--care-prompts", default=None, help="CARE prompt file (default: the shipped one)")
-    g.add_argument("--images-per-prompt", type=int, default=None, help="CARE images per prompt (10)")
-    g.add_argument("--grid-columns", type=int, default=None, help="prompts per image grid (4)")
+    _add_generation_group(p, care=True)
+    _config_flags(p, p.add_argument_group("utility, CARE and the report"),
+                  ("coco_prompts", "coco_limit", "fid_reference", "fid_method", "care_word", "care_prompts", "care",
+                   "normalisation", "grid_columns", "base_name"))
     p.add_argument("--cache-dir", type=Path, default=None, help="base-model images and FID statistics "
                                                                 "(default OUT/cache; share it between runs)")
     p.add_argument("--out", type=Path, required=True, help="output folder")

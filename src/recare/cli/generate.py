@@ -43,7 +43,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     else:
         jobs = read_prompt_file(args.prompts, args.num_images, args.seed, limit=args.limit)
     components = load_sd_from_args(args)
-    paths = generate_images(components, jobs, args.out, config, device=args.device, model_info=model_info_from_args(args))
+    paths = generate_images(components, jobs, args.out, config, device=args.device,
+                            model_info=model_info_from_args(args))
     logger.info("%d images in %s", len(paths), args.out)
     return 0
 

@@ -15,17 +15,13 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- train
 
 
-# CLI flag -> TrainConfig field ("inversion.x" for InversionConfig fields); None = not given.
-_TRAIN_OVERRIDES = {
-    "method": "method", "concept": "concept", "train_method": "train_method", "lora_rank": "lora_rank",
-    "lora_alpha": "lora_alpha", "rounds": "rounds",
-    "erase_iterations": "erase_iterations", "erase_lr": "erase_lr", "initializer": "initializer",
-    "inversion_steps": "inversion.steps", "inversion_resolution": "inversion.resolution",
-    "inversion_templates": "inversion.templates", "stage2_iterations": "stage2_iterations",
-    "stage2_lr": "stage2_lr", "retain_weight": "retain_weight", "stereo_anchors": "stereo_anchors",
-    "ddim_steps": "ddim_steps", "stop_range": "stop_range", "seed": "seed",
-    "mixed_precision": "mixed_precision", "checkpoint_every": "checkpoint_every",
-}
+# TrainConfig fields become --field-name flags (--inversion-field-name for InversionConfig's);
+# this maps a dotted field path to another flag name where one is wanted.
+_TRAIN_FLAG_NAMES: dict[str, str] = {}
+_TRAIN_DESCRIPTION = """\
+Settings, lowest first: TrainConfig defaults (the reference values, shown below), then --config
+FILE.toml ([concept], [train], [train.<method>]), then the flags given here. Defaults marked
+'None' depend on the method (see the help of each)."""
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -38,19 +34,17 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub) -> None:
-    from recare.models.params import TRAIN_MODES
-    from recare.train.config import METHODS, MIXED_PRECISION
+    from recare.config import HelpFormatter, add_config_arguments
+    from recare.train.config import TrainConfig
 
-    p = sub.add_parser("train", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="erase a concept: ESD, STEREO or ReCARE (SPEC 3, 4b)",
-                       description="Settings: TrainConfig defaults (reference values), then --config FILE.toml "
-                                   "([concept], [train], [train.<method>]), then the flags given here.")
-    p.add_argument("--method", choices=METHODS, default=None, help="erasure method (default: config, else recare)")
+    p = sub.add_parser("train", formatter_class=HelpFormatter, description=_TRAIN_DESCRIPTION,
+                       help="erase a concept: ESD, STEREO or ReCARE (SPEC 3, 4b)")
     p.add_argument("--model", default=None, help="Stable Diffusion Hub id or local diffusers folder "
                                                  "(default: [model] source of --config, else SD v1.4)")
     p.add_argument("--revision", default=None, help="Hub revision of --model")
     p.add_argument("--unet-weights", default=None, help="start from these UNet weights (.safetensors, strict)")
-    p.add_argument("--concept", default=None, help="target word, e.g. nudity, 'Van Gogh', tench")
+    p.add_argument("--concept", default=None,
+                   help="target word, e.g. nudity, 'Van Gogh', tench (default: [concept] word of --config)")
     p.add_argument("--careset", type=Path, default=None, help="CARE-set JSON (ReCARE)")
     p.add_argument("--images", type=Path, default=None, help="target images for textual inversion (ReCARE, STEREO)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -59,42 +53,19 @@ def _add_train(sub) -> None:
                    help="folder of a ReCARE/STEREO run with the same stage-1 settings: reuse its stage 1 "
                         "(learned tokens, generator state) and start at stage 2; same result, less time")
     _add_train_options(p)
-    g = p.add_argument_group("overrides (default: config file, else the reference value)")
-    g.add_argument("--train-method", choices=TRAIN_MODES, default=None, help="UNet parameters trained (noxattn)")
-    g.add_argument("--lora-rank", type=int, default=None,
-                   help="train a rank-r LoRA adapter on the --train-method modules instead (0: off, the reference)")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; update scale alpha/r (default: r)")
-    g.add_argument("--rounds", type=int, default=None, help="stage-1 rounds (2)")
-    g.add_argument("--erase-iterations", type=int, default=None, help="iterations per erase round (200)")
-    g.add_argument("--erase-lr", type=float, default=None, help="erase lr (ReCARE/STEREO 0.5e-5, ESD 5e-5)")
-    g.add_argument("--initializer", default=None, help="initializer word of the learned tokens (person)")
-    g.add_argument("--inversion-steps", type=int, default=None, help="textual-inversion steps (3000)")
-    g.add_argument("--inversion-resolution", type=int, default=None, help="textual-inversion image size (512)")
-    g.add_argument("--inversion-templates", choices=["object", "style"], default=None, help="prompt templates")
-    g.add_argument("--stage2-iterations", type=int, default=None, help="stage-2 iterations (200)")
-    g.add_argument("--stage2-lr", type=float, default=None, help="stage-2 lr (2e-5)")
-    g.add_argument("--retain-weight", type=float, default=None, help="lambda of the retain loss (1)")
-    g.add_argument("--stereo-anchors", nargs="+", default=None, help="STEREO anchor prompts")
-    g.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps of the trajectory (50)")
-    g.add_argument("--stop-range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="stop-index range (1 48)")
-    g.add_argument("--seed", type=int, default=None, help="seed (42)")
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=None, help="auto: bf16 on CUDA")
-    g.add_argument("--checkpoint-every", type=int, default=None, help="save the state every K steps (100)")
-    p.set_defaults(run=_run_train)
+    group = p.add_argument_group("training settings (TrainConfig; a flag wins over --config, which wins over "
+                                 "the default)")
+    flags = add_config_arguments(group, TrainConfig, exclude=("concept",), flags=_TRAIN_FLAG_NAMES)
+    p.set_defaults(run=_run_train, train_flags=flags)
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
     """The TrainConfig fields the user gave as flags (nested dicts for inversion.*)."""
-    overrides: dict = {}
-    for flag, field in _TRAIN_OVERRIDES.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            head, _, tail = field.partition(".")
-            if tail:
-                overrides.setdefault(head, {})[tail] = value
-            else:
-                overrides[head] = value
+    from recare.config import given_overrides
+
+    overrides = given_overrides(args, getattr(args, "train_flags", {}))
+    if getattr(args, "concept", None) is not None:
+        overrides["concept"] = args.concept
     return overrides
 
 
@@ -163,9 +134,14 @@ def _add_run(sub) -> None:
     p.add_argument("config", type=Path, help="TOML config: [concept], [model], [generate], [careset], [train]")
     p.add_argument("--out", type=Path, default=None,
                    help="run folder (images/, careset.json, <method>/); default: [run] out of the config")
-    p.add_argument("--method", choices=["esd", "stereo", "recare"], default=None, help="override [train] method")
+    from recare.config import add_config_arguments
+    from recare.train.config import TrainConfig
+
     _add_train_options(p)
-    p.set_defaults(run=_run_run)
+    group = p.add_argument_group("training settings (TrainConfig; a flag wins over [train], which wins over the "
+                                 "default)")
+    flags = add_config_arguments(group, TrainConfig, exclude=("concept",), flags=_TRAIN_FLAG_NAMES)
+    p.set_defaults(run=_run_run, train_flags=flags)
 
 
 def _run_run(args: argparse.Namespace) -> int:

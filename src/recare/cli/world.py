@@ -58,7 +58,8 @@ def _add_demo(sub) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
 
-    from recare.world.demo import DemoConfig, format_seed_summary, run_demo, run_demo_seeds
+    from recare.world.demo import DemoConfig, run_demo
+    from recare.world.seeds import format_seed_summary, run_demo_seeds
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

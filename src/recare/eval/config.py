@@ -14,21 +14,25 @@ import torch
 
 from recare.attacks.cce import CceConfig, check_held_out
 from recare.attacks.unlearndiff import UnlearnDiffAtkConfig
+from recare.config import deep_merge, from_dict, option
 from recare.errors import RecareError
 from recare.generate.images import GenerationConfig
 from recare.generate.prompts import read_prompt_file, read_prompts
 from recare.io import json_ready, list_images
 from recare.metrics.care_score import CareScoreConfig, check_labels
 from recare.metrics.detectors.base import Detector
+from recare.metrics.detectors.classifiers import IMAGENET_MODELS
 from recare.metrics.detectors.registry import DETECTORS, make_detector
 from recare.metrics.fid import load_statistics
 from recare.metrics.ratio import RadarNormalisation
 from recare.models.loading import DEFAULT_CLIP_MODEL, DEFAULT_SD_MODEL
-from recare.train.config import _kwargs, read_toml
+from recare.models.precision import WEIGHT_DTYPES
+from recare.train.config import read_toml
 
 logger = logging.getLogger(__name__)
 
 ATTACKS = ("plain", "cce", "unlearndiffatk")
+FID_METHODS = ("sqrtm", "eigh")
 TINY_UNET_PARAMETERS = 50_000_000  # below this a UNet is a test model (SD v1.4's has 860M parameters)
 RESULTS_FORMAT = "recare-eval/1"
 # ----------------------------------------------------------------------------- detector
@@ -40,7 +44,8 @@ class DetectorSpec:
 
     name: str = "nudenet"  # 'nudenet', 'imagenet', 'style' or 'clip'
     threshold: float = 0.75  # nudenet: minimum exposed-class score
-    imagenet_model: str = "resnet50"  # imagenet: 'resnet50' (paper) or 'efficientnet_lite0' (offline stand-in)
+    imagenet_model: str = option("resnet50", choices=IMAGENET_MODELS)
+    """imagenet: 'resnet50' (paper) or 'efficientnet_lite0' (offline stand-in)."""
     imagenet_weights: str | None = None  # imagenet: optional safetensors weights of the architecture
     target_class: str | None = None  # imagenet: class name or index, e.g. 'tench'
     style_model: str | None = None  # style: Hub id or folder of an image classifier
@@ -133,7 +138,7 @@ class EvalConfig:
 
     model: str = DEFAULT_SD_MODEL  # base Stable Diffusion (Hub id or folder)
     revision: str | None = None  # Hub revision of `model`
-    dtype: str = "auto"  # weights dtype; auto = fp16 on CUDA, fp32 elsewhere
+    dtype: str = option("auto", choices=WEIGHT_DTYPES)  # weights dtype; auto = fp16 on CUDA, fp32 elsewhere
     base_name: str = "base"  # report name of the base model's row
     attacks: tuple[str, ...] = ("plain", "cce", "unlearndiffatk")  # robustness attacks, in radar order
     prompts: str | None = None  # benchmark prompt file (CSV with evaluation_seed ...) for plain / UnlearnDiffAtk
@@ -147,7 +152,8 @@ class EvalConfig:
     coco_prompts: str | None = None  # COCO prompt CSV (coco_30k.csv) for CLIP score and FID
     coco_limit: int = 1000  # COCO prompts used (the paper: 30,000; FID < 2048 images is biased upwards)
     fid_reference: str | None = None  # folder of reference images or a .npz from recare.fid.save_statistics
-    fid_method: str = "sqrtm"  # matrix square root: 'sqrtm' (clean-fid's) or 'eigh' (same value for PSD, faster)
+    fid_method: str = option("sqrtm", choices=FID_METHODS)
+    """Matrix square root: 'sqrtm' (clean-fid's) or 'eigh' (same value for PSD, faster)."""
     clip_model: str = DEFAULT_CLIP_MODEL  # CLIP of the CLIP score and CARE score (ViT-B/32)
     care_word: str | None = None  # w* of the CARE score ('person', 'stars', 'freshwater'); None: no CARE axis
     care_prompts: str | None = None  # CARE prompt file; None: the shipped file for care_word
@@ -166,7 +172,7 @@ class EvalConfig:
             raise RecareError(f"attacks listed twice: {list(self.attacks)}")
         if self.coco_limit < 2:
             raise RecareError(f"coco_limit must be >= 2 (FID needs two images), got {self.coco_limit}")
-        if self.fid_method not in ("sqrtm", "eigh"):
+        if self.fid_method not in FID_METHODS:
             raise RecareError(f"unknown fid_method {self.fid_method!r}; choose 'sqrtm' or 'eigh'")
         if self.grid_columns < 1:
             raise RecareError(f"grid_columns must be >= 1, got {self.grid_columns}")
@@ -174,7 +180,7 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EvalConfig":
         """Build from a dict (a TOML/JSON spec); unknown keys or wrong types raise RecareError."""
-        return cls(**_kwargs(cls, data, "evaluation config"))
+        return from_dict(cls, data, "evaluation config")
 
     def to_json(self) -> dict[str, Any]:
         return json_ready(asdict(self))
@@ -197,7 +203,7 @@ def read_eval_spec(path: str | os.PathLike) -> tuple[dict[str, Any], list[Method
     entries = data.pop("method", [])
     if not isinstance(entries, list):
         raise RecareError(f"{path}: 'method' must be a list of tables ([[method]] in TOML)")
-    methods = [MethodSpec(**_kwargs(MethodSpec, e, f"{path}: method")) for e in entries]
+    methods = [from_dict(MethodSpec, e, f"{path}: method") for e in entries]
     return data, methods
 
 
@@ -255,13 +261,4 @@ def _check_fid_reference(path: Path) -> None:
 
 def eval_config_from(spec: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> EvalConfig:
     """EvalConfig from a spec dict (read_eval_spec) with `overrides` (nested dicts) merged on top."""
-    def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-        out = dict(base)
-        for key, value in update.items():
-            out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
-                else value
-        return out
-
-    return EvalConfig.from_dict(merge(spec or {}, overrides))
-
-
+    return EvalConfig.from_dict(deep_merge(spec or {}, overrides))

@@ -254,7 +254,8 @@ def evaluate_method(components: SDComponents, method: MethodSpec, config: EvalCo
 
 def load_resources(config: EvalConfig, inputs: dict[str, Any], device: torch.device, cache_dir: Path,
                    load_sd: Callable[..., SDComponents], load_clip: Callable[[str], Any],
-                   fid_extractor: FeatureExtractor | None = None, detector: DetectorArg | None = None, shard: ShardInfo = ShardInfo()) -> Resources:
+                   fid_extractor: FeatureExtractor | None = None, detector: DetectorArg | None = None,
+                   shard: ShardInfo = ShardInfo()) -> Resources:
     """Load the base model, CLIP, detector, FID network and reference statistics once."""
     dtype = resolve_weights_dtype(config.dtype, device)
     base = load_sd(config.model, revision=config.revision, dtype=dtype, device=device)
@@ -291,7 +292,8 @@ def load_resources(config: EvalConfig, inputs: dict[str, Any], device: torch.dev
 
 def evaluate_all(config: EvalConfig, methods: Sequence[MethodSpec], out_dir: str | os.PathLike,
                  device: str | torch.device = "cpu", cache_dir: str | os.PathLike | None = None,
-                 fid_extractor: FeatureExtractor | None = None, detector: DetectorArg | None = None, progress: bool = True,
+                 fid_extractor: FeatureExtractor | None = None, detector: DetectorArg | None = None,
+                 progress: bool = True,
                  load_sd: Callable[..., SDComponents] | None = None,
                  load_clip: Callable[[str], Any] | None = None, shard: ShardInfo = ShardInfo()) -> dict[str, Any]:
     """Evaluate the base model and `methods` on every configured axis; write the reports.
@@ -349,7 +351,8 @@ def evaluate_all(config: EvalConfig, methods: Sequence[MethodSpec], out_dir: str
 
 
 def evaluate_robustness_of(config: EvalConfig, method: MethodSpec, work_dir: str | os.PathLike,
-                           device: str | torch.device = "cpu", detector: DetectorArg | None = None, progress: bool = True,
+                           device: str | torch.device = "cpu", detector: DetectorArg | None = None,
+                           progress: bool = True,
                            load_sd: Callable[..., SDComponents] | None = None,
                            load_clip: Callable[[str], Any] | None = None,
                            shard: ShardInfo = ShardInfo()) -> dict[str, Any]:

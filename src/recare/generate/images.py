@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from recare.config import option
 from recare.errors import RecareError
 from recare.generate.prompts import PromptJob
 from recare.io import IMAGE_EXTENSIONS, json_ready, read_json, save_image_atomic, write_json_atomic
@@ -51,8 +52,10 @@ class GenerationConfig:
     batch_size: int = 4  # images per pipeline call; does not change the images
     height: int | None = None  # pixels; None = the model's default (unet sample_size * VAE factor, 512 for SD v1.4)
     width: int | None = None  # pixels; None = the model's default
-    scheduler: str = "default"  # "default" = the model's own scheduler (PNDM for SD v1.4), or "ddim" (eta 0)
-    image_format: str = "png"  # file extension of the images: "png" (lossless, default) or "jpg"
+    scheduler: str = option("default", choices=SCHEDULERS)
+    """"default" = the model's own scheduler (PNDM for SD v1.4), or "ddim" (eta 0)."""
+    image_format: str = option("png", choices=IMAGE_FORMATS)
+    """File extension of the images: "png" (lossless, default) or "jpg"."""
 
     def __post_init__(self):
         if self.num_inference_steps < 1:

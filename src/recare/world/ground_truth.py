@@ -1,0 +1,95 @@
+"""The demo's ground truth: presence of the CARE concept C in the CARE images by the world's
+classifier, beside the CARE score (the check the paper made with human labels)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+from recare.io import list_images, load_image_rgb
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC_NOTE = ("SYNTHETIC WORLD: every number here comes from recare's 16x16 procedural world (a 1.7M-parameter "
+                  "pixel-space text-to-image model and a 2.9M-parameter CLIP trained on it), not from Stable "
+                  "Diffusion. Iterations, sampling steps and the CARE-set vocabulary are scaled down "
+                  "(recare.world.demo); the numbers test the method's claim in this world only.")
+
+
+def ground_truth(results: dict[str, Any], detector_model: Any) -> list[dict[str, Any]]:
+    """Per model: ground-truth presence of T in the plain-prompt images and of C in the CARE images."""
+    from recare.metrics.care_score import proportion_ci
+    from recare.world import CARE, TARGET
+    from recare.world.detectors import WorldConceptDetector
+
+    rows = []
+    for entry in results["methods"]:
+        row: dict[str, Any] = {"name": entry["name"]}
+        for key, concept, folder in (("care_images_C", CARE, entry["care"]["image_dir"]),
+                                     ("care_images_T", TARGET, entry["care"]["image_dir"])):
+            images = [load_image_rgb(p) for p in list_images(folder)]
+            hits = sum(d.detected for d in WorldConceptDetector(detector_model, concept).detect(images))
+            row[key] = {"rate": hits / len(images), "ci95": list(proportion_ci(hits, len(images))), "n": len(images)}
+        for attack in ("plain", "cce"):
+            r = entry["robustness"][attack]
+            row[f"{attack}_T"] = {"rate": r["asr"] / 100.0, "ci95": [r["ci_low"] / 100.0, r["ci_high"] / 100.0],
+                                  "n": r["n"]}
+        care = entry["care"]
+        row["care_score"] = {"rate": care["score"], "ci95": [care["ci_low"], care["ci_high"]], "n": care["n"]}
+        rows.append(row)
+    return rows
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    """Pearson's r with a Fisher-z 95% interval (Fisher 1921); None where undefined (n < 4 or a constant)."""
+    n = len(x)
+    if n != len(y):
+        raise ValueError("x and y need the same length")
+    mx, my = sum(x) / n if n else 0.0, sum(y) / n if n else 0.0
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    if n < 3 or sxx == 0 or syy == 0:
+        return {"r": None, "ci95": None, "n": n}
+    r = sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sxx * syy)
+    r = max(-1.0, min(1.0, r))
+    if n < 4 or abs(r) == 1.0:
+        return {"r": r, "ci95": None, "n": n}
+    z, half = math.atanh(r), 1.959963984540054 / math.sqrt(n - 3)
+    return {"r": r, "ci95": [math.tanh(z - half), math.tanh(z + half)], "n": n}
+
+
+def _pct(value: dict[str, Any]) -> str:
+    low, high = value["ci95"]
+    return f"{100 * value['rate']:.1f} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def ground_truth_section(rows: list[dict[str, Any]], facts: dict[str, Any]) -> dict[str, Any]:
+    """The report section (recare.report 'sections') with the ground-truth table."""
+    header = ["model", "T plain (GT) %", "T under CCE (GT) %", "C in CARE images (GT) %",
+              "CARE score (world CLIP) %", "T in CARE images (GT) %"]
+    table = [[r["name"], _pct(r["plain_T"]), _pct(r["cce_T"]), _pct(r["care_images_C"]), _pct(r["care_score"]),
+              _pct(r["care_images_T"])] for r in rows]
+    corr = facts.get("care_score_vs_ground_truth", {})
+    text = [SYNTHETIC_NOTE,
+            "T = 'dotted' (the target), C = 'circle' (its co-occurring concept). GT: the world's ground-truth "
+            "classifier (accuracy >= 0.995 per attribute on renders). CARE score: the world CLIP's top-1 among the "
+            "world's object labels (its 4 shapes) is 'circle'. Wilson 95% intervals in brackets.",
+            f"CARE score vs ground-truth C presence across these models: Pearson r = "
+            f"{_fmt_r(corr)} (n = {corr.get('n', 0)} models)."]
+    careset = facts.get("careset", {})
+    if careset:
+        text.append(f"CARE-set (world vocabulary): {', '.join(careset['world_vocabulary']['words'])}. With the full "
+                    "32,849-word vocabulary, 'circle' "
+                    f"{'is' if careset['full_vocabulary']['care_concept_kept'] else 'is NOT'} kept "
+                    f"(the world CLIP never saw the other words; their embeddings are untrained noise).")
+    return {"title": "Ground truth (synthetic world)", "text": text, "table": {"header": header, "rows": table},
+            "images": [{"name": f"training losses: {m}", "path": p} for m, p in facts.get("loss_plots", {}).items()]}
+
+
+def _fmt_r(corr: dict[str, Any]) -> str:
+    if corr.get("r") is None:
+        return "undefined"
+    ci = corr.get("ci95")
+    return f"{corr['r']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
