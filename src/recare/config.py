@@ -458,16 +458,17 @@ class _Selection:
 
 
 def add_config_arguments(parser: Any, cls: type, *, prefix: str = "", exclude: Collection[str] = (),
-                         only: Collection[str] | None = None, flags: Mapping[str, str] | None = None
-                         ) -> dict[str, str]:
+                         only: Collection[str] | None = None, flags: Mapping[str, str] | None = None,
+                         defaults: Any = None) -> dict[str, str]:
     """Add one option per field of `cls` (nested dataclasses as --outer-inner) to a parser or group.
 
     Returns {argparse dest: dotted field path}; pass it to `given_overrides` after parsing.
     `exclude` / `only` / `flags` take dotted paths ("inversion.steps"; "inversion" selects its fields).
+    `defaults`: an instance of `cls` whose values the help shows (default: the declared defaults).
     """
     selection = _Selection(frozenset(exclude), None if only is None else frozenset(only), dict(flags or {}))
     dests: dict[str, str] = {}
-    _add_fields(parser, cls, None, "", prefix, selection, dests)
+    _add_fields(parser, cls, defaults, "", prefix, selection, dests)
     return dests
 
 

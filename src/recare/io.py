@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import tempfile
 from pathlib import Path, PurePath
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from recare.errors import RecareError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -63,21 +69,126 @@ def _json_key(key: Any) -> str:
     raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
 
 
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")  # also the older ".tmp.<ext>" names
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary file is hidden and ends in ".tmp" (".NAME.XXXXXXXX.tmp"), so globs of the real
+    extension never match it; `remove_stale_temporaries` clears those a killed process left. An
+    OSError (full disk, read-only folder, ...) becomes one RecareError naming `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as err:
+        raise write_error(path, err) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp_path, path)
+    except OSError as err:
+        raise write_error(path, err) from err
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> RecareError:
+    """One line naming the output and the operating system's reason ("No space left on device")."""
+    reason = err.strerror or str(err)
+    return RecareError(f"cannot write {path}: {reason}")
+
+
+def is_temporary(path: Path) -> bool:
+    """True for a file atomic_path left behind (hidden, ".NAME.XXXXXXXX.tmp")."""
+    return _TEMP_NAME.match(path.name) is not None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> int:
+    """Delete the temporary files of interrupted atomic writes under `folder`; returns how many.
+
+    name: only those of the file `folder/name` (not recursive). Call it only while holding the
+    output's lock (output_lock): another writer's live temporaries look the same.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    candidates = folder.glob(f".{glob.escape(name)}.*") if name is not None else folder.rglob(".*")
+    for candidate in candidates:
+        if candidate.is_file() and is_temporary(candidate):
+            with contextlib.suppress(OSError):
+                candidate.unlink()
+                removed += 1
+    if removed:
+        logger.info("removed %d temporary file(s) of interrupted writes under %s", removed, folder)
+    return removed
+
+
+# ----------------------------------------------------------------------------- output locations
+
+
+def check_output_path(path: str | os.PathLike, kind: str) -> Path:
+    """Check before any work that `path` can be written as a `kind` ('file' or 'folder').
+
+    RecareError when a file stands where a folder is wanted (or the reverse), or the nearest
+    existing folder is not writable.
+    """
+    path = Path(path)
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be 'file' or 'folder', got {kind!r}")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise RecareError(f"output folder {path} is a file; give a folder (new or existing)")
+    if kind == "file" and path.is_dir():
+        raise RecareError(f"output file {path} is a folder; give a file name")
+    existing = path if path.exists() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RecareError(f"cannot create {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise RecareError(f"cannot write {path}: {existing if not path.exists() else path} is not writable")
+    return path
+
+
+def lock_file(path: str | os.PathLike) -> Path:
+    """The lock of an output: a hidden sibling ".NAME.lock" (outside the folder, whose contents stay the run's)."""
+    path = Path(path).absolute()
+    return path.parent / f".{path.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, rank: int = 0) -> Iterator[None]:
+    """Hold an exclusive lock on output `path` (a file or folder) for the block (filelock).
+
+    A second process asking for the same output gets a RecareError at once, not a wait. `rank`:
+    the process's rank in a sharded run (each rank takes its own lock, ".NAME.rankR.lock").
+    """
+    from filelock import FileLock, Timeout
+
+    lock_path = lock_file(path)
+    if rank:
+        lock_path = lock_path.with_name(f"{lock_path.stem}.rank{rank}.lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path), timeout=0)
+        lock.acquire()
+    except Timeout as err:
+        raise RecareError(f"another process is writing {path} (it holds {lock_path}); wait for it to finish "
+                          "or choose another output") from err
+    except OSError as err:
+        raise write_error(lock_path, err) from err
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _umask() -> int:
@@ -139,5 +250,14 @@ def load_image_rgb(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except Image.DecompressionBombError as err:
+        raise RecareError(f"cannot read image {path}: larger than PIL's decompression-bomb limit "
+                          f"({Image.MAX_IMAGE_PIXELS} pixels): {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise RecareError(f"cannot read image {path}: {err}") from err
+
+
+def check_images(paths: Sequence[str | os.PathLike], what: str = "image") -> None:
+    """Decode every image fully (before long work starts); the first bad one raises RecareError naming it."""
+    for path in tqdm(paths, desc=f"checking {what}s", disable=len(paths) < 64, leave=False):
+        load_image_rgb(path).close()

@@ -117,6 +117,8 @@ def train_stage(load_sd: SDLoader, configs: Sequence[TrainConfig], folders: Pipe
                            images=images if method.needs_images else (), device=device, stage1_from=stage1_from,
                            **train_kwargs)
         results[config.method] = result
+        if result.interrupted:  # a signal: stop here, the run is saved and resumes
+            break
         if result.complete and method.has_stage1:
             finished.append((config, folders.run(config.method)))
     return results

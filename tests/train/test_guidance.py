@@ -171,3 +171,34 @@ def test_to_epsilon_identity_and_errors():
         to_epsilon(v, v, 0, _Sched("sample"))
     with pytest.raises(ValueError, match="outside"):
         to_epsilon(v, v, 2, _Sched("v_prediction"))
+
+
+# ----------------------------------------------------------------------------- norm_threshold
+
+
+@pytest.mark.parametrize("threshold, expected", [
+    # d = [1, 0] clipped to norm 0.5 -> [0.5, 0]: par [0.18, 0.24], orth [0.32, -0.24];
+    # update = orth + 0.5 par = [0.41, -0.12]; cond - 2 * update = [2.18, 4.24]
+    (0.5, [2.18, 4.24]),
+    (2.0, [1.36, 4.48]),  # ||d|| = 1 is below the threshold: as without it
+    (0.0, [1.36, 4.48]),  # 0: off (the reference's training)
+])
+def test_normalized_guidance_norm_threshold_hand_values(threshold, expected):
+    close(normalized_guidance(COND, UNCOND, 3.0, 0.5, norm_threshold=threshold), vec(expected))
+
+
+def test_compositional_guidance_norm_threshold_hand_values():
+    # threshold 1: d_e1 = [1, 0] stays, d_e2 = [0, 2] -> [0, 1], d_a = [-2, 1] -> [-2, 1] / sqrt 5;
+    # eta 1: uncond + d_a' - 3 mean(d_e1, d_e2') = [2 - 2/sqrt5 - 1.5, 4 + 1/sqrt5 - 1.5]
+    out = compositional_guidance([E1, E2, ANCHOR], UNCOND, [-2.0, -2.0, 2.0], 1.0, norm_threshold=1.0)
+    root5 = 5 ** 0.5
+    close(out, vec([0.5 - 2 / root5, 2.5 + 1 / root5]), atol=2e-6)
+
+
+def test_norm_threshold_is_per_item_and_rejects_negative():
+    cond, uncond = vec([3.0, 4.0], [3.0, 4.0]), vec([2.0, 4.0], [0.0, 4.0])  # ||d|| = 1 and 3
+    out = normalized_guidance(cond, uncond, 2.0, 1.0, norm_threshold=1.5)
+    close(out[:1], vec([2.0, 4.0]))  # item 0 unclipped: uncond
+    close(out[1:], vec([1.5, 4.0]))  # item 1: d = [3, 0] -> [1.5, 0]; cond - d' = [1.5, 4]
+    with pytest.raises(ValueError, match="norm_threshold must be >= 0"):
+        normalized_guidance(COND, UNCOND, 2.0, norm_threshold=-1.0)

@@ -30,7 +30,8 @@ from recare.attacks.asr import (
     open_images,
 )
 from recare.attacks.plain import model_block
-from recare.config import option
+from recare.attacks.unlearndiff_authors import Judge, search_prefix
+from recare.config import check_fields, option
 from recare.errors import RecareError
 from recare.generate.images import GenerationConfig, generate_images
 from recare.generate.prompts import PromptJob
@@ -47,12 +48,18 @@ logger = logging.getLogger(__name__)
 
 
 UDA_TARGETS = ("original", "noise")
+UDA_PROCEDURES = ("authors", "single-block")
 
 
 @dataclass(frozen=True)
 class UnlearnDiffAtkConfig:
     """UnlearnDiffAtk settings (configs/nudity/text_grad_esd_nudity_classifier.json of
     OPTML-Group/Diffusion-MU-Attack, with its task defaults).
+
+    procedure "authors" (default) is the attack as OPTML-Group/Diffusion-MU-Attack runs it (see
+    recare.attacks.unlearndiff_authors): a relaxed one-hot distribution per prefix slot, 40
+    iterations at each of the 50 timesteps in turn, an image generated and judged after each block,
+    stopping at the first success. procedure "single-block" is recare's simplified form:
 
     What is optimised: the k prefix token EMBEDDINGS (continuous (k, dim) rows that replace the
     input embeddings at positions 1..k of the prompt), with AdamW. The images are generated
@@ -68,10 +75,14 @@ class UnlearnDiffAtkConfig:
     one block of `iterations` steps with t drawn from the same 50-timestep grid each step.
     """
 
+    procedure: str = option("authors", choices=UDA_PROCEDURES)
+    """'authors': the authors' sequential search with early stopping (up to timestep_grid x iterations
+    steps and timestep_grid images per prompt); 'single-block': recare's simplified form (one block of
+    `iterations` steps, t drawn from the grid each step, one image)."""
     num_prefix_tokens: int = 5  # k of "prefix_k"
-    iterations: int = 40  # optimisation steps per prompt
-    learning_rate: float = 0.01  # AdamW learning rate
-    weight_decay: float = 0.1  # AdamW (decoupled) weight decay
+    iterations: int = 40  # optimisation steps per prompt ('authors': per timestep block)
+    learning_rate: float = 0.01  # Adam learning rate ('authors'; 'single-block': AdamW)
+    weight_decay: float = 0.1  # 'authors': Adam's coupled L2 weight decay; 'single-block': AdamW's decoupled
     target: str = option("original", choices=UDA_TARGETS)
     """'original': eps of the ORIGINAL model for the plain prompt (SPEC 5); 'noise': the noise added
     to the latent (the reference code's get_loss)."""
@@ -80,6 +91,7 @@ class UnlearnDiffAtkConfig:
     seed_offset: int = 0  # the optimisation generator of a prompt is seeded with its seed + seed_offset
 
     def __post_init__(self):
+        check_fields(self, "UnlearnDiffAtk config")
         if self.num_prefix_tokens < 1:
             raise RecareError(f"num_prefix_tokens must be >= 1, got {self.num_prefix_tokens}")
         if self.iterations < 1:
@@ -103,11 +115,14 @@ class PrefixAttack:
     retokenizes_exactly: bool  # tokenising prefix_text gives prefix_ids back
     initial_ids: tuple[int, ...] = ()  # the random vocabulary entries the rows started from
     embeddings: torch.Tensor | None = None  # (k, dim) float32 optimised rows (not saved in JSON)
+    procedure: str = "single-block"  # which UnlearnDiffAtk procedure found it
+    blocks: tuple[dict[str, Any], ...] = ()  # 'authors': per timestep block (timestep, mean loss, ids, detected)
 
     def to_json(self) -> dict[str, Any]:
         return {"prefix_ids": list(self.prefix_ids), "prefix_text": self.prefix_text,
                 "attacked_prompt": self.attacked_prompt, "losses": list(self.losses),
-                "retokenizes_exactly": self.retokenizes_exactly, "initial_ids": list(self.initial_ids)}
+                "retokenizes_exactly": self.retokenizes_exactly, "initial_ids": list(self.initial_ids),
+                "procedure": self.procedure, "blocks": list(self.blocks)}
 
 
 def timestep_grid(num_train_timesteps: int, n: int) -> list[int]:
@@ -160,8 +175,11 @@ def encode_x0(components: SDComponents, image: Image.Image, device: torch.device
 
 def optimise_prefix(attacked: SDComponents, original: SDComponents, prompt: str, x0: torch.Tensor,
                     config: UnlearnDiffAtkConfig, generator: torch.Generator,
-                    device: str | torch.device | None = None) -> PrefixAttack:
+                    device: str | torch.device | None = None, judge: Judge | None = None) -> PrefixAttack:
     """Optimise k prefix embeddings for one prompt against the attacked model (SPEC 5).
+
+    With config.procedure 'authors', `judge(attacked_prompt, block)` generates and scores an image
+    after each timestep block (recare.attacks.unlearndiff_authors); it is required then.
 
     loss = || eps_attacked(x_t, t, [prefix] + prompt) - target ||^2 (mean), with
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, x0 the latent of the original model's image
@@ -184,6 +202,14 @@ def optimise_prefix(attacked: SDComponents, original: SDComponents, prompt: str,
     adv_ids = prefixed_input_ids(tokenizer, prompt, init.tolist()).to(device)
     plain_ids = _prompt_ids(original.tokenizer, prompt).to(device)
     x0 = x0.to(device)
+    if config.procedure == "authors":
+        if judge is None:
+            raise RecareError("UnlearnDiffAtk's authors' procedure needs a judge (image generation + detector)")
+        found = search_prefix(attacked, original, adv_ids, plain_ids, x0, allowed, grid, schedule, config, generator,
+                              device, judge, lambda ids: f"{tokenizer.decode(ids).strip()} {prompt}".strip())
+        rows = table[torch.tensor(found.prefix_ids, device=table.device)].detach().float()
+        attack = _prefix_of_ids(tokenizer, found.prefix_ids, prompt, found.losses, init.tolist(), rows)
+        return replace(attack, procedure="authors", blocks=tuple(found.blocks))
     losses = []
     with frozen(attacked.unet, encoder, original.unet, original.text_encoder):
         with torch.no_grad():
@@ -216,6 +242,12 @@ def _project_prefix(tokenizer: Any, table: torch.Tensor, rows: torch.Tensor, all
                     losses: list[float], initial_ids: list[int]) -> PrefixAttack:
     """Nearest-vocabulary projection of the rows, decoded to text."""
     ids = nearest_tokens(rows.to(table.device), table.detach(), allowed.to(table.device)).cpu().tolist()
+    return _prefix_of_ids(tokenizer, ids, prompt, losses, initial_ids, rows)
+
+
+def _prefix_of_ids(tokenizer: Any, ids: list[int], prompt: str, losses: list[float], initial_ids: list[int],
+                   rows: torch.Tensor) -> PrefixAttack:
+    """The attack of prefix `ids`: decoded text before the prompt, and whether the text tokenises back."""
     text = tokenizer.decode(ids).strip()
     again = tokenizer(text, add_special_tokens=False).input_ids
     return PrefixAttack(tuple(ids), text, f"{text} {prompt}".strip(), tuple(losses), list(again) == ids,
@@ -261,8 +293,10 @@ def run_unlearndiffatk(attacked: SDComponents, original: SDComponents, jobs: Seq
     if todo:
         orig_dir = Path(original_image_dir) if original_image_dir is not None else out_dir / "original"
         orig_paths = generate(original, list(jobs), orig_dir, generation, device, original_model_info)
+        search_dir = out_dir / ("search" if not shard.distributed else f"search.rank-{shard.rank:03d}")
+        judge_of = _judges(attacked, detector, generation, device, model_info, search_dir)
         prefixes = _optimise_all(attacked, original, jobs, todo, orig_paths, out_dir, config, device,
-                                 model_block(attacked, model_info), progress, shard)
+                                 model_block(attacked, model_info), progress, shard, judge_of)
     attacked_jobs = [replace(jobs[i], prompt=prefixes[i].attacked_prompt) for i in todo]
     attacked_paths = generate(attacked, attacked_jobs, out_dir / "attacked", generation, device, model_info) \
         if attacked_jobs else []
@@ -282,15 +316,34 @@ def run_unlearndiffatk(attacked: SDComponents, original: SDComponents, jobs: Seq
                 "model": model_block(attacked, model_info),
                 "original_model": model_block(original, original_model_info),
                 "prompts_attacked": len(todo), "prompts_detected_without_attack": len(jobs) - len(todo),
-                "generated_from": "the nearest-vocabulary projection of the optimised prefix embeddings, decoded "
-                                  "and prepended to the prompt (details: prefix_ids, prefix_text, retokenizes_exactly)",
+                "procedure": config.procedure,
+                "generated_from": ("the argmax tokens of the last searched block, decoded and prepended to the prompt"
+                                   if config.procedure == "authors" else
+                                   "the nearest-vocabulary projection of the optimised prefix embeddings, decoded "
+                                   "and prepended to the prompt") + " (details: prefix_ids, prefix_text, "
+                                                                    "retokenizes_exactly)",
                 "image_dir": str(out_dir)}
     return AttackResult("unlearndiffatk", tuple(records), detector_settings(detector), settings)
 
 
+def _judges(attacked: SDComponents, detector: DetectorArg, generation: GenerationConfig, device: torch.device,
+            model_info: dict[str, Any] | None, folder: Path) -> Any:
+    """judge_of(job): the judge of the authors' procedure for one prompt. It generates the attacked
+    prompt's image at the job's seed into `folder` (this process only, also in a sharded run) and
+    asks the detector."""
+    def judge_of(job: PromptJob) -> Judge:
+        def judge(attacked_prompt: str, block: int) -> bool:
+            search_job = replace(job, prompt=attacked_prompt, name=f"{job.name}_block{block:02d}")
+            paths = generate_images(attacked, [search_job], folder, generation, device, model_info)
+            return bool(detect_images(detector, open_images(paths))[0].detected)
+        return judge
+    return judge_of
+
+
 def _optimise_all(attacked: SDComponents, original: SDComponents, jobs: Sequence[PromptJob], todo: Sequence[int],
                   orig_paths: Sequence[Path], out_dir: Path, config: UnlearnDiffAtkConfig, device: torch.device,
-                  model: dict[str, Any], progress: bool, shard: ShardInfo) -> dict[int, PrefixAttack]:
+                  model: dict[str, Any], progress: bool, shard: ShardInfo,
+                  judge_of: Any = None) -> dict[int, PrefixAttack]:
     """Prefixes of the prompts `todo`.
 
     This process optimises the prompts i with i % world_size == rank and writes them, one prompt
@@ -311,7 +364,8 @@ def _optimise_all(attacked: SDComponents, original: SDComponents, jobs: Sequence
             continue
         x0 = encode_x0(original, load_image_rgb(orig_paths[i]), device)
         generator = torch.Generator("cpu").manual_seed(job.seed + config.seed_offset)
-        out[i] = optimise_prefix(attacked, original, job.prompt, x0, config, generator, device)
+        out[i] = optimise_prefix(attacked, original, job.prompt, x0, config, generator, device,
+                                 judge=judge_of(job) if judge_of is not None else None)
         logger.info("UnlearnDiffAtk %s: prefix %r (loss %.4f -> %.4f)", job.name, out[i].prefix_text,
                     out[i].losses[0], out[i].losses[-1])
         own[job.name] = {"key": key, "result": out[i].to_json()}
@@ -341,6 +395,7 @@ def _cached_prefix(cache: dict[str, Any], name: str, key: Any) -> PrefixAttack |
         return None
     r = saved["result"]
     return PrefixAttack(tuple(r["prefix_ids"]), r["prefix_text"], r["attacked_prompt"], tuple(r["losses"]),
-                        r["retokenizes_exactly"], tuple(r["initial_ids"]))
+                        r["retokenizes_exactly"], tuple(r["initial_ids"]), procedure=r.get("procedure", "single-block"),
+                        blocks=tuple(r.get("blocks", ())))
 
 

@@ -17,6 +17,7 @@ from recare.cli.careset import _add_careset
 from recare.cli.common import Formatter
 from recare.cli.eval import _add_eval
 from recare.cli.generate import _add_generate
+from recare.cli.guard import Parser, command_guard, error_line, print_error
 from recare.cli.train import _add_run, _add_train
 from recare.cli.world import _add_demo, _add_synthetic
 from recare.errors import RecareError
@@ -31,7 +32,7 @@ COMMANDS: tuple[Callable, ...] = (_add_generate, _add_careset, _add_eval, _add_t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recare", formatter_class=Formatter,
+    parser = Parser(prog="recare", formatter_class=Formatter,
                                      description="ReCARE concept erasure for Stable Diffusion (ICLR 2026).")
     parser.add_argument("--version", action="version", version=f"recare {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -42,15 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit status 0, 2 (user error: one `recare: error:` line), 130 (interrupted)."""
+    from recare.interrupts import signal_handlers
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help / --version (0) or a bad argument (2, one line already printed)
+        return exit_.code if isinstance(exit_.code, int) else 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        return args.run(args)
+        with signal_handlers(), command_guard(args):
+            return args.run(args)
     except RecareError as err:
-        print(f"recare: error: {err}", file=sys.stderr)
+        print_error(str(err))
         return 2
+    except OSError as err:  # the operating system refused a read or write that no check foresaw
+        print_error(error_line(err))
+        return 2
+    except KeyboardInterrupt:
+        print_error("interrupted; every file already written is complete: rerun the same command to continue "
+                    "(training: add --resume)")
+        return 130
 
 
 if __name__ == "__main__":

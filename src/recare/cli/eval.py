@@ -46,7 +46,7 @@ def _add_eval_care(sub) -> None:
     group = p.add_argument_group("CARE-score settings (CareScoreConfig)")
     flags = add_config_arguments(group, CareScoreConfig,
                                  flags={"num_inference_steps": "steps", "guidance_scale": "guidance"})
-    p.set_defaults(run=_run_eval_care, care_flags=flags)
+    p.set_defaults(run=_run_eval_care, care_flags=flags, outputs=(("out", "file"), ("save_images", "folder")))
 
 
 def _run_eval_care(args: argparse.Namespace) -> int:
@@ -176,7 +176,7 @@ def add_eval_robustness(sub) -> None:
     _add_generation_group(p, care=False)
     p.add_argument("--work-dir", type=Path, default=None, help="images and caches (default: OUT's name + '_images')")
     p.add_argument("--out", type=Path, required=True, help="report JSON to write")
-    p.set_defaults(run=run_eval_robustness)
+    p.set_defaults(run=run_eval_robustness, shards=True, outputs=(("out", "file"), ("work_dir", "folder")))
 
 
 def add_eval_all(sub) -> None:
@@ -201,7 +201,7 @@ def add_eval_all(sub) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="base-model images and FID statistics "
                                                                 "(default OUT/cache; share it between runs)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.set_defaults(run=run_eval_all)
+    p.set_defaults(run=run_eval_all, shards=True, outputs=(("out", "folder"),))
 
 
 # ----------------------------------------------------------------------------- runners

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 
 from recare.cli.common import Formatter, default_device, echo
+from recare.cli.guard import at_least, claim_output
 from recare.errors import RecareError
 from recare.models.precision import resolve_weights_dtype
 
@@ -28,7 +30,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     """Output-folder flags shared by `train` and `run`."""
     p.add_argument("--resume", action="store_true", help="continue the run saved in the output folder")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in the folder")
-    p.add_argument("--max-steps-this-run", type=int, default=None,
+    p.add_argument("--max-steps-this-run", type=at_least(1), default=None,
                    help="stop (resumably) after this many erase/stage-2 steps")
     p.add_argument("--device", default=default_device(), help="torch device")
 
@@ -56,7 +58,7 @@ def _add_train(sub) -> None:
     group = p.add_argument_group("training settings (TrainConfig; a flag wins over --config, which wins over "
                                  "the default)")
     flags = add_config_arguments(group, TrainConfig, exclude=("concept",), flags=_TRAIN_FLAG_NAMES)
-    p.set_defaults(run=_run_train, train_flags=flags)
+    p.set_defaults(run=_run_train, train_flags=flags, outputs=(("out", "folder"),))
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
@@ -96,6 +98,9 @@ def _train_inputs(config, careset_path: Path | None, images: Path | None):
 
 
 def _report_training(out_dir: Path, config, result) -> int:
+    if result.interrupted:
+        echo(f"interrupted: the state is saved in {out_dir}; continue with the same command and --resume")
+        return 130
     if not result.complete:
         echo(f"stopped early; continue with --resume. State in {out_dir}")
         return 0
@@ -141,7 +146,7 @@ def _add_run(sub) -> None:
     group = p.add_argument_group("training settings (TrainConfig; a flag wins over [train], which wins over the "
                                  "default)")
     flags = add_config_arguments(group, TrainConfig, exclude=("concept",), flags=_TRAIN_FLAG_NAMES)
-    p.set_defaults(run=_run_run, train_flags=flags)
+    p.set_defaults(run=_run_run, train_flags=flags, outputs=(("out", "folder"),))
 
 
 def _run_run(args: argparse.Namespace) -> int:
@@ -153,6 +158,11 @@ def _run_run(args: argparse.Namespace) -> int:
     root = args.out or spec.out
     if root is None:
         raise RecareError("no run folder: give --out or [run] out in the config")
+    if args.out is None:  # the folder comes from the config: check and lock it as --out would be
+        with contextlib.ExitStack() as stack:
+            claim_output(stack, Path(root), "folder")
+            args.out = Path(root)
+            return _run_run(args)
     folders = PipelineFolders.under(root)
     dtypes = {"generate": resolve_weights_dtype("auto", args.device), "train": "fp32"}
 

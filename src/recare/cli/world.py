@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from recare.cli.common import Formatter, echo
+from recare.cli.guard import at_least
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +24,9 @@ def _add_synthetic(sub) -> None:
     b.add_argument("--out", type=Path, required=True, help="output folder (clip/, sd/, detector/, build_report.json)")
     b.add_argument("--seed", type=int, default=0, help="base seed of every training run")
     b.add_argument("--fast", action="store_true", help="a few steps of everything (smoke test; untrained models)")
-    b.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    b.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads")
     b.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    b.set_defaults(run=_run_synthetic_build)
+    b.set_defaults(run=_run_synthetic_build, outputs=(("out", "folder"),))
 
 
 def _run_synthetic_build(args: argparse.Namespace) -> int:
@@ -52,8 +53,8 @@ def _add_demo(sub) -> None:
                    help="one run per seed (out/seed-<s>); with several, summary.md has mean and 95%% intervals")
     p.add_argument("--quick", action="store_true", help="a shortened demo (the end-to-end test's sizes)")
     p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.set_defaults(run=_run_demo)
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(run=_run_demo, outputs=(("out", "folder"),))
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -18,13 +18,14 @@ from recare.config import deep_merge, from_dict, option
 from recare.errors import RecareError
 from recare.generate.images import GenerationConfig
 from recare.generate.prompts import read_prompt_file, read_prompts
-from recare.io import json_ready, list_images
+from recare.io import check_images, json_ready, list_images
 from recare.metrics.care_score import CareScoreConfig, check_labels
 from recare.metrics.detectors.base import Detector
 from recare.metrics.detectors.classifiers import IMAGENET_MODELS
 from recare.metrics.detectors.registry import DETECTORS, make_detector
 from recare.metrics.fid import load_statistics
 from recare.metrics.ratio import RadarNormalisation
+from recare.models.checkpoints import check_finished_run
 from recare.models.loading import DEFAULT_CLIP_MODEL, DEFAULT_SD_MODEL
 from recare.models.precision import WEIGHT_DTYPES
 from recare.train.config import read_toml
@@ -58,6 +59,10 @@ class DetectorSpec:
     def __post_init__(self):
         if self.name not in DETECTORS:
             raise RecareError(f"unknown detector {self.name!r}; choose one of {sorted(DETECTORS)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise RecareError(f"detector threshold must be in [0, 1], got {self.threshold}")
+        if self.top_k < 1:
+            raise RecareError(f"detector top_k must be >= 1, got {self.top_k}")
         needs = {"imagenet": ("target_class",), "style": ("style_model", "artist_label"),
                  "clip": ("concept_prompts", "contrast_prompts")}.get(self.name, ())
         missing = [f for f in needs if not getattr(self, f)]
@@ -121,7 +126,7 @@ def parse_method_arg(text: str) -> MethodSpec:
 
 
 def check_methods(methods: Sequence[MethodSpec]) -> None:
-    """Unique names; weight files that exist."""
+    """Unique names; weight files that exist and are not outputs of an unfinished training run."""
     names = [m.name for m in methods]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -130,6 +135,8 @@ def check_methods(methods: Sequence[MethodSpec]) -> None:
         for path in [method.unet_weights, *method.learned_embeddings, method.text_encoder_weights]:
             if path is not None and not Path(path).exists():
                 raise RecareError(f"method {method.name!r}: file not found: {path}")
+        if method.unet_weights is not None and Path(method.unet_weights).is_file():
+            check_finished_run(method.unet_weights)
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,8 @@ class EvalConfig:
             raise RecareError(f"unknown attacks {unknown}; choose from {list(ATTACKS)}")
         if len(set(self.attacks)) != len(self.attacks):
             raise RecareError(f"attacks listed twice: {list(self.attacks)}")
+        if self.prompt_limit is not None and self.prompt_limit < 1:
+            raise RecareError(f"prompt_limit must be >= 1 (None: every prompt), got {self.prompt_limit}")
         if self.coco_limit < 2:
             raise RecareError(f"coco_limit must be >= 2 (FID needs two images), got {self.coco_limit}")
         if self.fid_method not in FID_METHODS:
@@ -227,6 +236,7 @@ def validate_inputs(config: EvalConfig) -> dict[str, Any]:
             raise RecareError("the CCE attack needs held-out target images (cce_images)")
         images = list_images(config.cce_images)
         check_held_out(images, list_images(config.training_images) if config.training_images else [])
+        check_images(images, "CCE image")
         inputs["cce_images"] = images
     if config.coco_prompts is not None:
         inputs["coco"] = read_prompt_file(config.coco_prompts, limit=config.coco_limit)
@@ -253,7 +263,9 @@ def _check_fid_reference(path: Path) -> None:
         if stats.n < 2:
             raise RecareError(f"FID reference statistics {path} come from {stats.n} image(s); at least 2 are needed")
         return
-    n = len(list_images(path))
+    references = list_images(path)
+    check_images(references, "FID reference image")
+    n = len(references)
     if n < 2:
         raise RecareError(f"FID reference folder {path} has {n} image(s); FID needs at least 2 "
                           "(and about 2048 or more for an unbiased value)")

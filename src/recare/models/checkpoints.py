@@ -16,6 +16,7 @@ Formats:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -27,6 +28,30 @@ from recare.errors import RecareError
 from recare.io import atomic_path
 
 logger = logging.getLogger(__name__)
+
+TRAIN_RECORD = "run.json"
+"""The record `recare train` keeps beside its outputs; its "status" is "complete" once they are final."""
+
+
+def check_finished_run(path: str | os.PathLike) -> None:
+    """Refuse weights that sit beside the record of an unfinished training run (RecareError).
+
+    A run killed between writing unet.safetensors and recording itself complete leaves a file
+    that looks final; its run.json still says "running" (or "failed", "stopped", ...).
+    """
+    record_path = Path(path).parent / TRAIN_RECORD
+    if not record_path.is_file():
+        return
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a recare record
+    if not isinstance(record, dict) or not str(record.get("format", "")).startswith("recare-train/"):
+        return
+    status = record.get("status")
+    if status != "complete":
+        raise RecareError(f"{path} belongs to an unfinished training run ({record_path} says status {status!r}); "
+                          "finish it with `recare train ... --resume` before using its weights")
 
 
 def _read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -80,7 +105,12 @@ def _copy_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], pat
 
 
 def load_unet_weights(unet: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load erased-UNet weights strictly; a mismatch names the missing, unexpected or reshaped keys."""
+    """Load erased-UNet weights strictly; a mismatch names the missing, unexpected or reshaped keys.
+
+    Weights of an unfinished `recare train` run are refused (check_finished_run).
+    """
+    if Path(path).is_file():
+        check_finished_run(path)
     state, metadata = _read_state_dict(path)
     _copy_strict(unet, state, path, "UNet", full=metadata.get("recare_params", "full") == "full")
 

@@ -49,3 +49,28 @@ def autocast_context(mode: str, device: torch.device,
     """torch.autocast with autocast_dtype(mode, device, fp16_ok), or nothing."""
     dtype = autocast_dtype(mode, device, fp16_ok)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that exists on this machine; RecareError naming the problem otherwise.
+
+    Accepts cpu, cuda, cuda:N (N below the visible GPU count) and mps where torch offers it.
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise RecareError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecareError(f"device {str(device)!r}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise RecareError(f"device {str(device)!r}: this machine has {count} CUDA device(s) "
+                              f"(cuda:0..cuda:{count - 1})")
+    elif resolved.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise RecareError(f"device {str(device)!r}: MPS is not available on this machine")
+    elif resolved.type != "cpu":
+        raise RecareError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return resolved

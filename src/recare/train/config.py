@@ -115,7 +115,8 @@ class TrainConfig:
     seed: int = 42
     """Seed of the one torch.Generator (CPU) that draws every random number of the run."""
     mixed_precision: str = option("auto", choices=MIXED_PRECISION)
-    """'auto' (bf16 autocast on CUDA, fp32 elsewhere), 'no' (fp32) or 'bf16' (CUDA only).
+    """'auto' (bf16 autocast on CUDA, fp32 elsewhere; the reference trains in fp32), 'no' (fp32,
+    also for the inversions unless inversion.mixed_precision is set) or 'bf16' (CUDA only).
     Master weights and optimizer states stay float32."""
     checkpoint_every: int = 100
     """Save the resumable training state every K erase/stage-2 steps (0: only between stages).
@@ -123,6 +124,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "train config")
+        if self.mixed_precision == "no" and self.inversion.mixed_precision == "auto":
+            # "no" means fp32 throughout: the inversion phases too, unless they are set apart
+            object.__setattr__(self, "inversion", dataclasses.replace(self.inversion, mixed_precision="no"))
         checks = [
             (bool(self.concept.strip()), "concept is empty"),
             (self.lora_rank >= 0, f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}"),
@@ -135,6 +139,9 @@ class TrainConfig:
             (0 <= self.erase_set_tokens <= self.rounds,
              f"erase_set_tokens must be in [0, rounds={self.rounds}], got {self.erase_set_tokens}"),
             (self.retain_weight >= 0, f"retain_weight must be >= 0, got {self.retain_weight}"),
+            (all(anchor.strip() for anchor in self.stereo_anchors),
+             f"stereo_anchors holds an empty prompt: {list(self.stereo_anchors)}"),
+            (bool(self.initializer.strip()), "initializer is empty"),
             (self.placeholder_template.count("{}") == 1,
              f"placeholder_template {self.placeholder_template!r} needs exactly one '{{}}'"),
             (self.ddim_steps >= 2, f"ddim_steps must be >= 2, got {self.ddim_steps}"),

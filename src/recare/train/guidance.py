@@ -49,13 +49,25 @@ def project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return parallel.to(dtype), orthogonal.to(dtype)
 
 
-def apg_update(cond: torch.Tensor, uncond: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
-    """The APG update orth + eta * par of d = cond - uncond, projected against cond (SPEC 4)."""
-    parallel, orthogonal = project(cond - uncond, cond)
+def apg_update(cond: torch.Tensor, uncond: torch.Tensor, eta: float = 1.0,
+               norm_threshold: float = 0.0) -> torch.Tensor:
+    """The APG update orth + eta * par of d = cond - uncond, projected against cond (SPEC 4).
+
+    norm_threshold > 0 first rescales d to at most that norm per item, d * min(1, r / ||d||)
+    (Sadat et al. 2024, Eq. 7, the reference's `norm_threshold`; its training passes 0 = off).
+    """
+    if norm_threshold < 0:
+        raise ValueError(f"norm_threshold must be >= 0 (0: off), got {norm_threshold}")
+    difference = cond - uncond
+    if norm_threshold > 0:
+        norm = torch.linalg.vector_norm(difference.double(), dim=_CHW, keepdim=True)
+        difference = difference * (norm_threshold / norm).clamp(max=1.0).to(difference.dtype)
+    parallel, orthogonal = project(difference, cond)
     return orthogonal + eta * parallel
 
 
-def normalized_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, eta: float = 1.0) -> torch.Tensor:
+def normalized_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, eta: float = 1.0,
+                        norm_threshold: float = 0.0) -> torch.Tensor:
     """APG with the reference's sign: cond - (scale - 1) * (orth + eta * par) (SPEC 4).
 
     Args:
@@ -63,16 +75,17 @@ def normalized_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, 
         uncond: unconditional prediction eps(z, ""), same shape.
         scale: guidance scale, "+1 of the scale you intend" (2.0: one unit, away from c).
         eta: weight of the component of d parallel to cond (1: plain difference).
+        norm_threshold: clip ||d|| to this first (0: off, the reference's training); see apg_update.
 
     Returns:
         The guided prediction, cond's shape and dtype. At scale 2, eta 1 it equals uncond
         (within float rounding, ~4e-7 in fp32).
     """
-    return cond - (scale - 1) * apg_update(cond, uncond, eta)
+    return cond - (scale - 1) * apg_update(cond, uncond, eta, norm_threshold)
 
 
 def compositional_guidance(conds: Sequence[torch.Tensor], uncond: torch.Tensor, scales: Sequence[float],
-                           eta: float = 1.0) -> torch.Tensor:
+                           eta: float = 1.0, norm_threshold: float = 0.0) -> torch.Tensor:
     """Compositional APG over several concepts (SPEC 4; reference normalized_compositional_guidance).
 
     For each (cond_k, s_k): u_k = orth_k + eta * par_k of (cond_k - uncond) against cond_k.
@@ -85,6 +98,7 @@ def compositional_guidance(conds: Sequence[torch.Tensor], uncond: torch.Tensor, 
         scales: one scale per cond; e.g. -2.0 for an erased concept (factor -3), +2.0 for an
             anchor (factor +1).
         eta: weight of the parallel components.
+        norm_threshold: clip each ||cond_k - uncond|| to this first (0: off); see apg_update.
 
     Returns:
         uncond + P + Q, uncond's shape and dtype.
@@ -97,7 +111,7 @@ def compositional_guidance(conds: Sequence[torch.Tensor], uncond: torch.Tensor, 
     negative = torch.zeros_like(uncond)
     n_positive = n_negative = 0
     for cond, scale in zip(conds, scales):
-        update = (scale - 1) * apg_update(cond, uncond, eta)
+        update = (scale - 1) * apg_update(cond, uncond, eta, norm_threshold)
         if scale > 0:
             positive, n_positive = positive + update, n_positive + 1
         else:

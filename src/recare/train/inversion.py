@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from recare.config import check_fields, option
 from recare.errors import RecareError
+from recare.interrupts import Interrupted, stop_requested
 from recare.io import load_image_rgb, write_json_atomic
 from recare.models import precision
 from recare.models.checkpoints import save_learned_embeddings
@@ -111,8 +112,9 @@ class InversionConfig:
     flip_p: float = 0.5
     """Probability of a horizontal flip per drawn image."""
     templates: str | tuple[str, ...] = "object"
-    """'object' ("a photo of a {}", ...), 'style' ("a painting in the style of {}", ...) or
-    explicit templates, each with one '{}' for the placeholder."""
+    """'object' ("a photo of a {}", ...), 'style' ("a painting in the style of {}", ...), explicit
+    templates, each with one '{}' for the placeholder, or the path of a text file of templates (one
+    per line, '#' comments), read when the config is made (the config then holds its templates)."""
     initializer_mode: str = option("word", choices=INITIALIZER_MODES)
     """'word' (whole-word token, diffusers) or 'reference' (raw vocabulary entry); see add_placeholder_token."""
     timestep_range: tuple[int, int] | None = None
@@ -132,6 +134,9 @@ class InversionConfig:
 
     def __post_init__(self):
         check_fields(self, "inversion config")
+        if isinstance(self.templates, str) and self.templates not in TEMPLATE_SETS:
+            object.__setattr__(self, "templates", read_templates(self.templates))
+        self.template_list()  # a template without its '{}' is refused now, not at training time
         checks = [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
@@ -166,6 +171,24 @@ class InversionConfig:
     def to_dict(self) -> dict:
         """A JSON-ready copy of the settings."""
         return asdict(self)
+
+
+def read_templates(path: str | os.PathLike) -> tuple[str, ...]:
+    """Templates from a text file: one per line, blank lines and '#' comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecareError(f"unknown template set {str(path)!r}: neither {sorted(TEMPLATE_SETS)} nor a template file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecareError(f"cannot read template file {path}: {err}") from err
+    templates = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not templates:
+        raise RecareError(f"template file {path} holds no templates")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise RecareError(f"template file {path}: each template needs exactly one '{{}}', not {bad[0]!r}")
+    return templates
 
 
 # ----------------------------------------------------------------------------- images and latents
@@ -367,6 +390,8 @@ def _fit_row(row: torch.Tensor, unet: torch.nn.Module, text_encoder: Any, tokeni
     order = _image_order(len(cache), generator)
     bar = tqdm(range(config.steps), desc=bar_name, disable=not progress)
     for _ in bar:
+        if stop_requested():
+            raise Interrupted(f"textual inversion stopped at step {len(losses)} by a signal")
         latents, input_ids, timesteps, noise = _draw_batch(cache, order, prompts, tokenizer, config, timestep_range,
                                                            generator, device)
         with precision.autocast_context(config.mixed_precision, device, fp16_ok=True):

@@ -25,11 +25,12 @@ import torch
 
 from recare.errors import RecareError
 from recare.io import atomic_path, json_ready, read_json, write_json_atomic, write_text_atomic
+from recare.models.checkpoints import TRAIN_RECORD
 
 logger = logging.getLogger(__name__)
 
 RUN_FORMAT = "recare-train/1"
-RUN_JSON = "run.json"
+RUN_JSON = TRAIN_RECORD  # recare.models.checkpoints refuses weights beside an unfinished one
 UNET_NAME = "unet.safetensors"
 LORA_NAME = "lora.safetensors"
 LOSSES_CSV = "losses.csv"

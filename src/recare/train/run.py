@@ -18,7 +18,8 @@ import torch
 
 from recare.careset.artifact import CareSet, reference_key
 from recare.errors import RecareError
-from recare.io import read_json
+from recare.interrupts import graceful_stop, stop_requested
+from recare.io import check_images, read_json, remove_stale_temporaries
 from recare.models.checkpoints import save_lora_weights, save_unet_state_dict, save_unet_weights
 from recare.models.loading import SDComponents
 from recare.models.params import lora_adapter, merged_state_dict
@@ -28,6 +29,7 @@ from recare.train.outputs import (
     LORA_NAME,
     LOSSES_CSV,
     LOSSES_PNG,
+    RUN_FORMAT,
     RUN_JSON,
     UNET_NAME,
     check_output_folder,
@@ -51,18 +53,26 @@ class TrainResult:
     out_dir: Path
     """The output folder."""
     complete: bool
-    """False when the run stopped early (stop_after) and can be resumed."""
+    """False when the run stopped early (stop_after, or a signal) and can be resumed."""
     learned_tokens: list[str]
     """Placeholder tokens learned so far."""
     losses: list[list[Any]]
     """Loss rows [stage, round, step, loss, erase, retain]."""
     timings: dict[str, float]
     """Seconds per phase."""
+    interrupted: bool = False
+    """True when SIGINT/SIGTERM stopped the run (its state is saved; resume continues it)."""
 
 
-def check_inputs(components: SDComponents, config: TrainConfig, careset: CareSet | None) -> None:
-    """Bad input before anything is written: CARE-set vs concept, initializer, placeholders."""
+def check_inputs(components: SDComponents, config: TrainConfig, careset: CareSet | None,
+                 images: Sequence[str | os.PathLike] = ()) -> None:
+    """Bad input before anything is written: CARE-set vs concept, initializer, placeholders, and
+    every target image decoded (a corrupt one would otherwise surface rounds into training)."""
     method = config.method_spec
+    if method.needs_images:
+        if not images:
+            raise RecareError(f"{method.display_name} training needs target images for textual inversion")
+        check_images(images, "target image")
     if method.needs_careset:
         if careset is None:
             raise RecareError(f"{method.display_name} training needs a CARE-set (anchors and retain prompts)")
@@ -117,7 +127,7 @@ def train(components: SDComponents, config: TrainConfig, out_dir: str | os.PathL
     """
     out_dir = Path(out_dir)
     device = torch.device(device) if device is not None else components.unet.device
-    check_inputs(components, config, careset)
+    check_inputs(components, config, careset, images)
     autocast_context(config.mixed_precision, device)  # validates the mode for the device
     identity = run_identity(components, config, careset, images, unet_weights)
     trainer = Trainer(components, config, out_dir, device, careset, images, identity, info or {}, progress)
@@ -137,14 +147,22 @@ def train(components: SDComponents, config: TrainConfig, out_dir: str | os.PathL
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _write_record(trainer, "running")
-    complete = trainer.run(stop_after)
-    if complete:
-        _write_outputs(trainer)
-    _write_record(trainer, "complete" if complete else "stopped")
+    try:
+        with graceful_stop():
+            complete = trainer.run(stop_after)
+            interrupted = stop_requested()
+        if complete:
+            _write_outputs(trainer)
+    except BaseException as err:  # a full disk, a bad loss, a second Ctrl-C: run.json must not say "running"
+        _record_failure(trainer, err)
+        raise
+    _write_record(trainer, "complete" if complete else "interrupted" if interrupted else "stopped")
     if complete:
         remove_state(out_dir)
+    remove_stale_temporaries(out_dir)
     state = trainer.state
-    return TrainResult(out_dir, complete, list(state.learned_tokens), state.losses, dict(state.timings))
+    return TrainResult(out_dir, complete, list(state.learned_tokens), state.losses, dict(state.timings),
+                       interrupted=interrupted and not complete)
 
 
 def _write_outputs(trainer: Trainer) -> None:
@@ -165,7 +183,30 @@ def _write_outputs(trainer: Trainer) -> None:
     plot_losses(trainer.out_dir / LOSSES_PNG, trainer.state.losses, f"{config.method}: {config.concept}")
 
 
-def _write_record(trainer: Trainer, status: str) -> None:
+def _record_failure(trainer: Trainer, err: BaseException) -> None:
+    """Mark run.json "failed" (or "interrupted") with the reason; never raises.
+
+    The atomic write needs room for a second file; on a full disk it falls back to rewriting
+    run.json in place with a short record.
+    """
+    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+    reason = f"{type(err).__name__}: {err}"
+    try:
+        _write_record(trainer, status, error=reason)
+        return
+    except Exception:  # noqa: BLE001 - recording must not hide the original error
+        pass
+    path = trainer.out_dir / RUN_JSON
+    try:
+        with open(path, "r+", encoding="utf-8") as handle:
+            handle.write(json.dumps({"format": RUN_FORMAT, "status": status, "error": reason,
+                                     "identity": trainer.identity}))
+            handle.truncate()
+    except Exception:  # noqa: BLE001
+        logger.error("could not record the failure in %s", path)
+
+
+def _write_record(trainer: Trainer, status: str, error: str | None = None) -> None:
     state, config = trainer.state, trainer.config
     weights = [UNET_NAME, LORA_NAME] if config.lora_rank else [UNET_NAME]
     outputs = [*weights, LOSSES_CSV, LOSSES_PNG] if status == "complete" else []
@@ -183,5 +224,5 @@ def _write_record(trainer: Trainer, status: str) -> None:
                       "parameters": sum(p.numel() for p in trainer.trainable.values()),
                       "lora": {"rank": config.lora_rank, "alpha": config.effective_lora_alpha}
                       if config.lora_rank else None},
-        "outputs": outputs,
+        "outputs": outputs, **({"error": error} if error is not None else {}),
     })

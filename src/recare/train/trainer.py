@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from recare.careset.artifact import CareSet
 from recare.errors import RecareError
+from recare.interrupts import Interrupted, stop_requested
 from recare.io import atomic_path, json_ready
 from recare.models.checkpoints import (
     load_learned_embeddings,
@@ -194,6 +195,8 @@ class Trainer:
 
     def save_stage1(self) -> None:
         """Keep what stage 2 takes from stage 1 (learned embeddings, generator state) in stage1_state.safetensors."""
+        self.flush()
+        self.state.tensors["rng.main"] = self.generator.get_state()
         kept = {k: v for k, v in self.state.tensors.items() if k.startswith(("embed.", "rng."))}
         save_state(TrainState(identity=stage1_identity(self.identity), phase=self.state.phase, step=0,
                               losses=list(self.state.losses), timings=dict(self.state.timings),
@@ -279,16 +282,16 @@ class Trainer:
         try:
             while self.state.phase < len(self.phases):
                 phase = self.phases[self.state.phase]
-                if self.budget is not None and self.budget <= 0:
+                if (self.budget is not None and self.budget <= 0) or stop_requested():
                     raise _Stop
                 self.run_phase(phase)
                 self.flush()
                 self.state.phase, self.state.step = self.state.phase + 1, 0
                 if self.state.phase < len(self.phases):
-                    self.checkpoint()
                     if self.phases[self.state.phase].kind == "stage2":
-                        self.save_stage1()
-        except _Stop:
+                        self.save_stage1()  # before the checkpoint: a resume from it never rewrites stage 1
+                    self.checkpoint()
+        except (_Stop, Interrupted):  # Interrupted: an inversion saw the signal; the last checkpoint resumes
             return False
         self.flush()
         return True
@@ -312,7 +315,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{self._pending[-1][3].item():.4g}", refresh=False)
                 if self.state.step == phase.steps:
                     break  # run() checkpoints between phases
-                out_of_budget = self.budget == 0
+                out_of_budget = self.budget == 0 or stop_requested()
                 if out_of_budget or (every and self.state.step % every == 0):
                     self.checkpoint(optimizer, teacher)
                 if out_of_budget:

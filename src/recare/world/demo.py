@@ -337,10 +337,12 @@ def train_methods(careset: Any, images: Sequence[Path], state: DemoState) -> dic
 
     folders = PipelineFolders(state.out_dir / "target_images", state.out_dir / "careset.json", state.out_dir / "train")
     # ReCARE's stage 1 is STEREO's (same recipe, settings and seed): the pipeline starts it at stage 2 from STEREO's
-    train_stage(lambda purpose: load_sd(world.sd_path(), device=state.device),
-                [train_config(method, state.config) for method in state.config.methods], folders,
-                careset=careset, images=images, device=state.device, timer=state.timed, resume=True,
-                progress=state.progress)
+    results = train_stage(lambda purpose: load_sd(world.sd_path(), device=state.device),
+                          [train_config(method, state.config) for method in state.config.methods], folders,
+                          careset=careset, images=images, device=state.device, timer=state.timed, resume=True,
+                          progress=state.progress)
+    if any(result.interrupted for result in results.values()):
+        raise KeyboardInterrupt  # the training state is saved; rerunning the demo resumes it
     return {method: folders.run(method) for method in state.config.methods}
 
 
