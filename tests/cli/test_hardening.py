@@ -175,3 +175,19 @@ def test_mixed_precision_no_covers_the_inversions():
     assert TrainConfig(mixed_precision="auto").inversion.mixed_precision == "auto"
     kept = TrainConfig(mixed_precision="no", inversion=InversionConfig(mixed_precision="bf16"))
     assert kept.inversion.mixed_precision == "bf16"  # set apart explicitly
+
+
+def test_log_level_after_the_subcommand_and_quiet_libraries(tmp_path, tiny_sd_dir, capsys):
+    import transformers
+
+    from recare.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "a", "--out", "x", "--log-level", "DEBUG"])
+    assert args.log_level == "DEBUG"
+    assert build_parser().parse_args(["--log-level", "ERROR", "generate", "--prompt", "a", "--out", "x"]).log_level \
+        == "ERROR"
+    assert main(_generate(tiny_sd_dir, tmp_path / "gen")) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err  # transformers' loading bar only at DEBUG
+    assert "safety checker is DISABLED" not in err  # the tiny model has no safety checker to disable
+    assert transformers.utils.logging.get_verbosity() == transformers.utils.logging.ERROR

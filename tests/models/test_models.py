@@ -97,3 +97,18 @@ def test_siglip_model_is_accepted(tmp_path, clip_tokenizer):
     from PIL import Image
 
     assert model.encode_images([Image.new("RGB", (40, 40), "red")]).shape == (1, 16)
+
+
+def test_has_safety_checker_reads_model_index(tmp_path, tiny_sd_dir, monkeypatch):
+    import json
+
+    from recare.models.loading import has_safety_checker
+
+    assert has_safety_checker(tiny_sd_dir) is False  # saved without one
+    folder = tmp_path / "sd"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"safety_checker": ["stable_diffusion",
+                                                                            "StableDiffusionSafetyChecker"]}))
+    assert has_safety_checker(folder) is True
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert has_safety_checker("CompVis/stable-diffusion-v1-4") is True  # not cached: assume it has one

@@ -16,6 +16,7 @@ from recare import __version__
 from recare.cli.careset import _add_careset
 from recare.cli.common import Formatter
 from recare.cli.eval import _add_eval
+from recare.cli.export import _add_export
 from recare.cli.generate import _add_generate
 from recare.cli.guard import Parser, command_guard, error_line, print_error
 from recare.cli.train import _add_run, _add_train
@@ -24,22 +25,51 @@ from recare.errors import RecareError
 
 logger = logging.getLogger(__name__)
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 # ----------------------------------------------------------------------------- main
 
 
-COMMANDS: tuple[Callable, ...] = (_add_generate, _add_careset, _add_eval, _add_train, _add_run, _add_synthetic,
-                                  _add_demo)
+COMMANDS: tuple[Callable, ...] = (_add_generate, _add_careset, _add_eval, _add_train, _add_run, _add_export,
+                                  _add_synthetic, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="recare", formatter_class=Formatter,
-                                     description="ReCARE concept erasure for Stable Diffusion (ICLR 2026).")
+                    description="ReCARE concept erasure for Stable Diffusion (ICLR 2026).")
     parser.add_argument("--version", action="version", version=f"recare {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
+                        help="DEBUG also shows the libraries' own progress bars and notices")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    for command in _leaf_parsers(parser):  # `recare train ... --log-level DEBUG` works too
+        command.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+                             help="as `recare --log-level`")
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of the commands (those without subcommands of their own)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    children = [child for action in subs for child in dict.fromkeys(action.choices.values())]
+    return [leaf for child in children for leaf in _leaf_parsers(child)]
+
+
+def _quiet_libraries(level: str) -> None:
+    """transformers' and diffusers' own progress bars and notices (weight loading, embedding resizes)
+    only at DEBUG; recare's progress bars stay."""
+    if level == "DEBUG":
+        return
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    _quiet_libraries(args.log_level)
     try:
         with signal_handlers(), command_guard(args):
             return args.run(args)

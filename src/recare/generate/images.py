@@ -30,7 +30,7 @@ from recare.config import option
 from recare.errors import RecareError
 from recare.generate.prompts import PromptJob
 from recare.io import IMAGE_EXTENSIONS, json_ready, read_json, save_image_atomic, write_json_atomic
-from recare.models.loading import SDComponents
+from recare.models.loading import SDComponents, has_safety_checker
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def generate_images(
     logger.info("%d of %d images already in %s; generating %d", len(jobs) - len(pending), len(jobs), out_dir,
                 len(pending))
     if pending:
-        _warn_safety_checker_off()
+        if has_safety_checker(components.source, components.revision):
+            _warn_safety_checker_off()
         _save_manifest(out_dir, manifest)
         _run_jobs(components, pending, out_dir, config, device, manifest, total=len(jobs))
     return paths

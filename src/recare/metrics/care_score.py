@@ -9,12 +9,10 @@ prompt and overall, each with a Wilson 95% interval.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any, Sequence
 
 import torch
@@ -66,22 +64,21 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def proportion_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (Wilson 1927, JASA 22:209-212).
+    """Wilson score interval for a binomial proportion (Wilson 1927, JASA 22:209-212), by scipy:
+    `scipy.stats.binomtest(successes, n).proportion_ci(level, method="wilson")`.
 
     With p = successes/n and z the two-sided normal quantile of `level`:
         centre = (p + z^2/(2n)) / (1 + z^2/n)
         half   = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/(4n^2))
     """
+    from scipy import stats
+
     if n < 1 or not 0 <= successes <= n:
         raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes}/{n}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    interval = stats.binomtest(successes, n).proportion_ci(confidence_level=level, method="wilson")
+    return max(0.0, float(interval.low)), min(1.0, float(interval.high))
 
 
 # ----------------------------------------------------------------------------- report

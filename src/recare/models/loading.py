@@ -8,6 +8,7 @@ accepted; with HF_HUB_OFFLINE=1 only the local Hugging Face cache is consulted.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -184,6 +185,29 @@ def load_sd(
 
         load_learned_embeddings(tokenizer, text_encoder, path)
     return components.to(device=device)
+
+
+def has_safety_checker(source: str | os.PathLike, revision: str | None = None) -> bool:
+    """Whether the model's own pipeline has a safety checker (its model_index.json names one).
+
+    A Hub id whose model_index.json is not in the local cache counts as having one (SD v1.4 has).
+    """
+    path = Path(source) / "model_index.json"
+    if not Path(source).is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(str(source), "model_index.json", revision=revision)
+        except Exception:  # noqa: BLE001 - not a repo id (an in-memory test model): assume the worst
+            return True
+        if not isinstance(cached, str):
+            return True
+        path = Path(cached)
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8")).get("safety_checker")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return bool(entry) and entry[0] is not None
 
 
 def read_model_note(source: str | os.PathLike) -> str | None:

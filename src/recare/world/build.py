@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -173,10 +174,19 @@ def save_clip(clip: Any, folder: Path, dtype: torch.dtype) -> None:
 
 
 def save_sd_folder(components: Any, folder: Path, dtype: torch.dtype) -> None:
-    """The SD pipeline folder: text encoder and UNet in `dtype`, the identity VAE in float32."""
+    """The SD pipeline folder: text encoder and UNet stored in `dtype`, the identity VAE in float32.
+
+    The text encoder's config says float32 whatever the storage dtype, so that stock
+    `StableDiffusionPipeline.from_pretrained(folder)` loads every component in float32 (transformers
+    follows the config's dtype, diffusers upcasts to float32) and runs without a dtype argument.
+    """
     stored = replace(components, text_encoder=copy.deepcopy(components.text_encoder).to(dtype),
                      unet=copy.deepcopy(components.unet).to(dtype))
     stored.pipeline().save_pretrained(folder, safe_serialization=True)
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["dtype"] = "float32"
+    write_json_atomic(config_path, config)
     write_model_note(folder, WORLD_MODEL_NOTE)
 
 

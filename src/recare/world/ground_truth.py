@@ -42,20 +42,23 @@ def ground_truth(results: dict[str, Any], detector_model: Any) -> list[dict[str,
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
-    """Pearson's r with a Fisher-z 95% interval (Fisher 1921); None where undefined (n < 4 or a constant)."""
+    """Pearson's r with its Fisher-z 95% interval (Fisher 1921), by scipy.stats.pearsonr; None where
+    undefined (r: n < 3 or a constant; the interval: n < 4 or |r| = 1)."""
+    from scipy import stats
+
     n = len(x)
     if n != len(y):
         raise ValueError("x and y need the same length")
-    mx, my = sum(x) / n if n else 0.0, sum(y) / n if n else 0.0
-    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    if n < 3 or sxx == 0 or syy == 0:
+    if n < 3 or len(set(x)) < 2 or len(set(y)) < 2:
         return {"r": None, "ci95": None, "n": n}
-    r = sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sxx * syy)
-    r = max(-1.0, min(1.0, r))
+    result = stats.pearsonr(x, y)
+    r = max(-1.0, min(1.0, float(result.statistic)))
+    if abs(abs(r) - 1.0) < 1e-12:  # a perfect (anti)correlation, up to scipy's rounding
+        r = math.copysign(1.0, r)
     if n < 4 or abs(r) == 1.0:
         return {"r": r, "ci95": None, "n": n}
-    z, half = math.atanh(r), 1.959963984540054 / math.sqrt(n - 3)
-    return {"r": r, "ci95": [math.tanh(z - half), math.tanh(z + half)], "n": n}
+    interval = result.confidence_interval(confidence_level=0.95)
+    return {"r": r, "ci95": [float(interval.low), float(interval.high)], "n": n}
 
 
 def _pct(value: dict[str, Any]) -> str:

@@ -33,8 +33,10 @@ def t_interval(values: Sequence[float], level: float = 0.95,
     if n < 2:
         return {"mean": mean, "ci95": None, "n": n}
     sd = statistics.stdev(values)
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    low, high = mean - half, mean + half
+    if sd == 0:
+        low = high = mean
+    else:
+        low, high = (float(v) for v in stats.t.interval(level, n - 1, loc=mean, scale=sd / math.sqrt(n)))
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
     return {"mean": mean, "ci95": [low, high], "n": n, "sd": sd}
