@@ -264,3 +264,16 @@ def test_extra_sections_render_in_markdown_and_html():
                         "![losses](../train/esd/losses.png)\n")
     html = "".join(html_sections([section]))
     assert "<h2>Ground truth</h2>" in html and "<td>41.7</td>" in html and "src='../train/esd/losses.png'" in html
+
+
+def test_results_and_reports_carry_provenance(eval_all_out):
+    evaluated = eval_all_out
+    results = json.loads((evaluated / "results.json").read_text())
+    env = results["environment"]
+    assert env["recare"] and env["date_utc"] and env["machine"]["cpu_count"] >= 1
+    assert env["packages"]["torch"] and env["packages"]["diffusers"] and "nudenet" in env["packages"]
+    assert results["inputs"]["prompts"]["kind"] == "file" and len(results["inputs"]["prompts"]["sha256"]) == 64
+    assert results["inputs"]["fid_reference"]["kind"] == "image folder"
+    md = (evaluated / "report.md").read_text()
+    assert "## Provenance" in md and results["inputs"]["prompts"]["sha256"] in md
+    assert "Provenance" in (evaluated / "report.html").read_text()

@@ -59,6 +59,7 @@ from recare.metrics.fid import FeatureExtractor, FidStatistics, compute_fid, fol
 from recare.metrics.ratio import compute_ratio
 from recare.models.loading import SDComponents
 from recare.models.precision import resolve_weights_dtype
+from recare.provenance import environment, input_digest
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +345,8 @@ def evaluate_all(config: EvalConfig, methods: Sequence[MethodSpec], out_dir: str
             torch.cuda.empty_cache()
     results = {"format": RESULTS_FORMAT, "notes": notes, "config": config.to_json(),
                "detector": _detector_settings(res.detector), "methods": entries,
-               "ratio_definition": _ratio_definition(config)}
+               "ratio_definition": _ratio_definition(config), "environment": environment(),
+               "inputs": input_digests(config)}
     if shard.is_main:
         write_reports(results, out_dir, config.grid_columns)
     return results
@@ -383,7 +385,16 @@ def evaluate_robustness_of(config: EvalConfig, method: MethodSpec, work_dir: str
     return {"format": "recare-robustness/1", "notes": list(config.notes) + model_scale_notes(components,
                                                                                               config.random_models),
             "model": {"source": components.source, "revision": components.revision, **method.model_info()},
-            "detector": _detector_settings(res.detector), "attacks": attacks, "config": config.to_json()}
+            "detector": _detector_settings(res.detector), "attacks": attacks, "config": config.to_json(),
+            "environment": environment(), "inputs": input_digests(config)}
+
+
+def input_digests(config: EvalConfig) -> dict[str, Any]:
+    """SHA-256 of every input file and image folder the evaluation read (recare.provenance)."""
+    paths = {"prompts": config.prompts, "coco_prompts": config.coco_prompts, "care_prompts": config.care_prompts,
+             "cce_images": config.cce_images, "training_images": config.training_images,
+             "fid_reference": config.fid_reference}
+    return {name: input_digest(path) for name, path in paths.items() if path is not None}
 
 
 def _detector_settings(detector: DetectorArg | None) -> dict[str, Any] | None:

@@ -111,7 +111,30 @@ def markdown_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str
         lines += ["## Image grids (same prompts and seeds for every model)", ""]
         lines += [f"### {name}\n\n![{name}]({path})\n" for name, path in files["grids"].items()]
     lines += ["## Settings", "", "```json", json.dumps(_settings_summary(results), indent=2), "```", ""]
+    provenance = provenance_lines(results)
+    if provenance:
+        lines += ["## Provenance", ""] + [f"- {line}" for line in provenance] + [""]
     return "\n".join(lines)
+
+
+def provenance_lines(results: Mapping[str, Any]) -> list[str]:
+    """recare version and commit, date, machine, package versions and input digests, one line each."""
+    env = results.get("environment")
+    if not env:
+        return []
+    git = env.get("git")
+    commit = f", commit {git['commit'][:12]}{' (modified)' if git.get('dirty') else ''}" if git else ""
+    machine = env.get("machine", {})
+    gpus = ", ".join(machine.get("cuda_devices") or []) or "no GPU"
+    lines = [f"recare {env.get('recare')}{commit}, {env.get('date_utc')}",
+             f"machine: {machine.get('cpu')} ({machine.get('cpu_count')} CPUs, {machine.get('torch_threads')} torch "
+             f"threads), {gpus}; {machine.get('platform')}, Python {machine.get('python')}",
+             "packages: " + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items() if v)]
+    for name, digest in (results.get("inputs") or {}).items():
+        if digest and digest.get("sha256"):
+            extent = f", {digest['images']} images" if "images" in digest else f", {digest.get('bytes')} bytes"
+            lines.append(f"input {name}: {digest['name']} ({digest['kind']}{extent}), sha256 {digest['sha256']}")
+    return lines
 
 
 def markdown_sections(sections: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -177,6 +200,9 @@ def html_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str:
         parts += [f"<h3>{esc(name)}</h3><img src='{esc(path)}' alt='{esc(name)}'>"
                   for name, path in files["grids"].items()]
     parts.append("<h2>Settings</h2><pre>" + esc(json.dumps(_settings_summary(results), indent=2)) + "</pre>")
+    provenance = provenance_lines(results)
+    if provenance:
+        parts.append("<h2>Provenance</h2><ul>" + "".join(f"<li>{esc(line)}</li>" for line in provenance) + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -24,6 +24,7 @@ from recare.models.checkpoints import save_lora_weights, save_unet_state_dict, s
 from recare.models.loading import SDComponents
 from recare.models.params import lora_adapter, merged_state_dict
 from recare.models.precision import autocast_context
+from recare.provenance import environment
 from recare.train.config import TrainConfig
 from recare.train.outputs import (
     LORA_NAME,
@@ -216,7 +217,7 @@ def _write_record(trainer: Trainer, status: str, error: str | None = None) -> No
     write_run_json(trainer.out_dir, {
         "status": status, "identity": trainer.identity, "info": trainer.info,
         "seeds": {"seed": config.seed, "reseed_each_round": config.reseed_each_round},
-        "versions": versions(), "device": str(trainer.device),
+        "versions": versions(), "environment": environment(), "device": str(trainer.device),
         "position": {"phase": state.phase, "step": state.step, "phases": [p.name for p in trainer.phases]},
         "timings_s": {**state.timings, "total": sum(state.timings.values())},
         "peak_memory": peak_memory(trainer.device), "learned_tokens": state.learned_tokens,

@@ -56,6 +56,7 @@ from recare.io import (
     write_json_atomic,
     write_text_atomic,
 )
+from recare.provenance import environment
 from recare.world.ground_truth import SYNTHETIC_NOTE, ground_truth, ground_truth_section, pearson
 
 logger = logging.getLogger(__name__)
@@ -444,7 +445,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), devi
     torch.set_num_threads(torch_threads)
     summary = {"format": DEMO_FORMAT, "note": SYNTHETIC_NOTE, "config": asdict(config),
                "seconds": time.perf_counter() - start, "timings_s": state.timings,
-               "machine": _machine(), "facts": state.facts, "ground_truth": rows,
+               "machine": _machine(), "environment": environment(), "facts": state.facts, "ground_truth": rows,
                "ratio": {e["name"]: (e["ratio"] or {}).get("ratio") for e in results["methods"]},
                "utility": utility_of(results),
                "report": str((out_dir / "report" / "report.html").resolve())}
