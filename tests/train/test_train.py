@@ -448,3 +448,13 @@ def test_a_kept_stage1_file_belongs_to_its_run_folder(full_run, tmp_path):
         check_output_folder(folder, {"config": {}}, resume=False, overwrite=False)
     assert check_output_folder(folder, {"config": {}}, resume=False, overwrite=True) == "new"
     assert not (folder / STAGE1_NAME).exists()  # --overwrite removes it with the other outputs
+
+
+def test_loss_figure_is_smoothed_and_also_vector(full_run):
+    from recare.train.outputs import moving_average
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert moving_average([5.0], 3) == [5.0]
+    svg = (full_run / "losses.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "loss (MSE)" in svg
+    assert "losses.svg" in json.loads((full_run / "run.json").read_text())["outputs"]

@@ -29,7 +29,7 @@ KNOWN_LICENSES = {"CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
                   "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
                   "stabilityai/stable-diffusion-2-1": "openrail++",
                   "stabilityai/stable-diffusion-2-1-base": "openrail++"}
-RUN_EXTRAS = ("run.json", "losses.csv", "losses.png", "lora.safetensors")
+RUN_EXTRAS = ("run.json", "losses.csv", "losses.png", "losses.svg", "lora.safetensors")
 
 
 def read_finished_run(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -35,8 +35,9 @@ UNET_NAME = "unet.safetensors"
 LORA_NAME = "lora.safetensors"
 LOSSES_CSV = "losses.csv"
 LOSSES_PNG = "losses.png"
+LOSSES_SVG = "losses.svg"  # the same figure as vector graphics
 LOSS_COLUMNS = ("stage", "round", "step", "loss", "erase", "retain")
-OUTPUT_GLOBS = (RUN_JSON, UNET_NAME, LORA_NAME, LOSSES_CSV, LOSSES_PNG, "learned_embeds-*.safetensors",
+OUTPUT_GLOBS = (RUN_JSON, UNET_NAME, LORA_NAME, LOSSES_CSV, LOSSES_PNG, LOSSES_SVG, "learned_embeds-*.safetensors",
                 "learned_embeds-*.json", "train_state.safetensors", "stage1_state.safetensors")
 
 
@@ -106,8 +107,24 @@ def write_losses_csv(path: str | os.PathLike, rows: Sequence[Sequence[Any]]) -> 
     write_text_atomic(path, buffer.getvalue())
 
 
-def plot_losses(path: str | os.PathLike, rows: Sequence[Sequence[Any]], title: str = "") -> None:
-    """One panel per (stage, round): loss per step, plus erase/retain for stage 2 (matplotlib Agg)."""
+PANELS_PER_ROW = 3  # the figure stays page-wide (3 x 4.2 in) however many stages and rounds ran
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_losses(path: str | os.PathLike, rows: Sequence[Sequence[Any]], title: str = "",
+                svg_path: str | os.PathLike | None = None) -> None:
+    """One panel per (stage, round): the raw loss per step (faint) and its moving average, plus
+    erase/retain for stage 2; PNG at `path` and, given svg_path, the same figure as SVG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -116,20 +133,35 @@ def plot_losses(path: str | os.PathLike, rows: Sequence[Sequence[Any]], title: s
         panels.setdefault((row[0], row[1]), []).append(row)
     if not panels:
         return
-    fig = Figure(figsize=(4.5 * len(panels), 3.4), layout="constrained")
+    n_rows = -(-len(panels) // PANELS_PER_ROW)
+    n_cols = min(len(panels), PANELS_PER_ROW)
+    fig = Figure(figsize=(4.2 * n_cols, 3.2 * n_rows), layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, ((stage, rnd), items) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, ((stage, rnd), items) in zip(axes, panels.items()):
         steps = [r[2] for r in items]
-        ax.plot(steps, [r[3] for r in items], lw=0.8, label="loss")
-        if stage == "stage2":
-            for col, name in ((4, "erase"), (5, "retain")):
-                if any(r[col] is not None for r in items):
-                    ax.plot(steps, [r[col] for r in items], lw=0.8, label=name)
-            ax.legend(fontsize=7)
+        window = max(1, len(items) // 20)
+        columns = [(3, "loss")] + ([(4, "erase"), (5, "retain")] if stage == "stage2" else [])
+        for (col, name), colour in zip(columns, ("C0", "C1", "C2")):
+            if any(r[col] is None for r in items):
+                continue
+            values = [float(r[col]) for r in items]
+            ax.plot(steps, values, lw=0.6, alpha=0.35, color=colour)
+            ax.plot(steps, moving_average(values, window), lw=1.4, color=colour,
+                    label=f"{name} (mean of {window})" if window > 1 else name)
+        ax.legend(fontsize=7)
         ax.set_title(f"{stage}" + (f" round {rnd}" if rnd else ""), fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel("loss (MSE)")
         ax.set_yscale("log" if all((r[3] or 0) > 0 for r in items) else "linear")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=10)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=150)
+    if svg_path is not None:
+        import matplotlib
+
+        with atomic_path(svg_path) as tmp, matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text
+            fig.savefig(tmp, format="svg")

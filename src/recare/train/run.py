@@ -30,6 +30,7 @@ from recare.train.outputs import (
     LORA_NAME,
     LOSSES_CSV,
     LOSSES_PNG,
+    LOSSES_SVG,
     RUN_FORMAT,
     RUN_JSON,
     UNET_NAME,
@@ -181,7 +182,10 @@ def _write_outputs(trainer: Trainer) -> None:
                                     "recare_lora_alpha": str(config.effective_lora_alpha),
                                     "recare_lora_target_modules": json.dumps(modules)})
     write_losses_csv(trainer.out_dir / LOSSES_CSV, trainer.state.losses)
-    plot_losses(trainer.out_dir / LOSSES_PNG, trainer.state.losses, f"{config.method}: {config.concept}")
+    title = f"{config.method}: {config.concept}"
+    if trainer.info.get("stage1_from"):
+        title += f" (stage 1 reused from {Path(trainer.info['stage1_from']).name}: same recipe and seed)"
+    plot_losses(trainer.out_dir / LOSSES_PNG, trainer.state.losses, title, svg_path=trainer.out_dir / LOSSES_SVG)
 
 
 def _record_failure(trainer: Trainer, err: BaseException) -> None:
@@ -210,7 +214,7 @@ def _record_failure(trainer: Trainer, err: BaseException) -> None:
 def _write_record(trainer: Trainer, status: str, error: str | None = None) -> None:
     state, config = trainer.state, trainer.config
     weights = [UNET_NAME, LORA_NAME] if config.lora_rank else [UNET_NAME]
-    outputs = [*weights, LOSSES_CSV, LOSSES_PNG] if status == "complete" else []
+    outputs = [*weights, LOSSES_CSV, LOSSES_PNG, LOSSES_SVG] if status == "complete" else []
     outputs += [f"learned_embeds-{k}.safetensors" for k in range(1, len(state.learned_tokens) + 1)]
     if (trainer.out_dir / STAGE1_NAME).is_file():
         outputs.append(STAGE1_NAME)
