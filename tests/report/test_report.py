@@ -277,3 +277,49 @@ def test_results_and_reports_carry_provenance(eval_all_out):
     md = (evaluated / "report.md").read_text()
     assert "## Provenance" in md and results["inputs"]["prompts"]["sha256"] in md
     assert "Provenance" in (evaluated / "report.html").read_text()
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        for value in obj.values():
+            yield from _strings(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from _strings(value)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def test_report_folder_is_self_contained_without_absolute_paths(eval_all_out):
+    import os
+    import re
+
+    results = json.loads((eval_all_out / "results.json").read_text())
+    absolute = [s for s in _strings(results) if os.path.isabs(s)]
+    assert not absolute, absolute[:5]
+    for name in ("report.md", "report.html", "results.json"):
+        text = (eval_all_out / name).read_text()
+        assert str(eval_all_out.parent) not in text and "/tmp/" not in text, name
+    md = (eval_all_out / "report.md").read_text()
+    html = (eval_all_out / "report.html").read_text()
+    referenced = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md) + re.findall(r"src='([^']+)'", html)
+    assert referenced
+    for ref in referenced:
+        target = (eval_all_out / ref).resolve()
+        assert target.is_file() and eval_all_out.resolve() in target.parents, ref
+
+
+def test_section_images_from_elsewhere_are_copied_into_the_report(tmp_path):
+    from recare.report.writer import _sections_inside
+
+    outside = tmp_path / "train" / "losses.png"
+    outside.parent.mkdir()
+    outside.write_bytes(b"png")
+    outside.with_suffix(".svg").write_text("<svg/>")
+    report = tmp_path / "report"
+    report.mkdir()
+    sections = _sections_inside([{"title": "t", "images": [{"name": "losses: ESD", "path": "../train/losses.png"}]}],
+                                report)
+    assert sections[0]["images"][0]["path"] == "figures/losses-ESD.png"
+    assert (report / "figures" / "losses-ESD.png").read_bytes() == b"png"
+    assert (report / "figures" / "losses-ESD.svg").is_file()

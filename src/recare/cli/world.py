@@ -75,7 +75,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                  f"T under CCE {100 * row['cce_T']['rate']:5.1f}%  "
                  f"C kept (GT) {100 * row['care_images_C']['rate']:5.1f}%  "
                  f"CARE score {100 * row['care_score']['rate']:5.1f}%")
-        echo(f"report: {summary['report']}")
+        echo(f"report: {args.out / summary['report']}")
         return 0
     summary = run_demo_seeds(args.out, args.seeds, config, device=args.device)
     echo(format_seed_summary(summary))

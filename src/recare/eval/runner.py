@@ -71,10 +71,11 @@ def model_scale_notes(components: SDComponents, flagged: bool) -> list[str]:
     n_params = sum(p.numel() for p in components.unet.parameters())
     notes = []
     source = str(components.source)
+    shown = Path(source).name if os.path.isabs(source) else source  # a folder's name, not this machine's path
     if components.note:
-        notes.append(f"The model ({source}, UNet with {n_params:,} parameters) is {components.note}")
+        notes.append(f"The model ({shown}, UNet with {n_params:,} parameters) is {components.note}")
     elif source.startswith("<") or re.search(r"tiny|random", source, re.IGNORECASE) or n_params < TINY_UNET_PARAMETERS:
-        notes.append(f"The model ({source}, UNet with {n_params:,} parameters) is a tiny/random test model: these "
+        notes.append(f"The model ({shown}, UNet with {n_params:,} parameters) is a tiny/random test model: these "
                      "numbers check the code path and say NOTHING about erasure quality.")
     if flagged:
         notes.append("The caller flagged these models as random/tiny: the numbers are not meaningful.")

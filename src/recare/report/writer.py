@@ -11,6 +11,7 @@ import html
 import json
 import logging
 import os
+import re
 import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -301,7 +302,12 @@ def write_grids(results: Mapping[str, Any], out_dir: Path, columns: int) -> dict
 
 
 def write_reports(results: dict[str, Any], out_dir: str | os.PathLike, grid_columns: int = 4) -> dict[str, Any]:
-    """Write results.json, radar.png (when every method has a RATIO), grids/, report.md, report.html."""
+    """Write results.json, radar.png (when every method has a RATIO), grids/, report.md, report.html.
+
+    The folder is self-contained: section images from elsewhere are copied into figures/, and
+    every path in the written files is relative to the folder (no absolute path of this machine).
+    `results` itself keeps its paths (callers read images through them).
+    """
     out_dir = Path(out_dir)
     files: dict[str, Any] = {"results": "results.json", "markdown": "report.md", "html": "report.html"}
     ratios = {e["name"]: e["ratio"]["radii"] for e in results["methods"] if e.get("ratio")}
@@ -310,8 +316,49 @@ def write_reports(results: dict[str, Any], out_dir: str | os.PathLike, grid_colu
         files["radar"] = "radar.png"
     files["grids"] = write_grids(results, out_dir, grid_columns)
     results["files"] = files
-    write_json_atomic(out_dir / "results.json", results)
-    write_text_atomic(out_dir / "report.md", markdown_report(results, files))
-    write_text_atomic(out_dir / "report.html", html_report(results, files))
+    written = portable_paths({**results, "sections": _sections_inside(results.get("sections", []), out_dir)}, out_dir)
+    write_json_atomic(out_dir / "results.json", written)
+    write_text_atomic(out_dir / "report.md", markdown_report(written, files))
+    write_text_atomic(out_dir / "report.html", html_report(written, files))
     logger.info("reports written to %s", out_dir)
     return files
+
+
+def portable_paths(obj: Any, root: Path) -> Any:
+    """`obj` with every absolute path string made relative to `root` (os.path.relpath)."""
+    if isinstance(obj, Mapping):
+        return {key: portable_paths(value, root) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable_paths(item, root) for item in obj]
+    if isinstance(obj, str) and os.path.isabs(obj) and "\n" not in obj and len(obj) < 4096:
+        return os.path.relpath(obj, root.resolve())
+    return obj
+
+
+def _sections_inside(sections: Sequence[Mapping[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
+    """Sections whose images lie outside out_dir get copies in out_dir/figures/ (paths made relative)."""
+    import shutil
+
+    inside = []
+    for section in sections:
+        images = []
+        for image in section.get("images", []):
+            source = Path(image["path"])
+            source = source if source.is_absolute() else out_dir / source
+            try:
+                relative = source.resolve().relative_to(out_dir.resolve())
+            except ValueError:
+                relative = None
+            if relative is None and source.is_file():
+                stem = re.sub(r"[^A-Za-z0-9_]+", "-", image["name"]).strip("-") or "figure"
+                relative = Path("figures") / f"{stem}{source.suffix}"
+                (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+                with atomic_path(out_dir / relative) as tmp:
+                    shutil.copyfile(source, tmp)
+                for extra in (".svg",):  # a vector copy beside it, when there is one
+                    if source.with_suffix(extra).is_file():
+                        with atomic_path((out_dir / relative).with_suffix(extra)) as tmp:
+                            shutil.copyfile(source.with_suffix(extra), tmp)
+            images.append({**image, "path": str(relative) if relative is not None else image["path"]})
+        inside.append({**section, "images": images})
+    return inside

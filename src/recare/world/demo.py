@@ -448,7 +448,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), devi
                "machine": _machine(), "environment": environment(), "facts": state.facts, "ground_truth": rows,
                "ratio": {e["name"]: (e["ratio"] or {}).get("ratio") for e in results["methods"]},
                "utility": utility_of(results),
-               "report": str((out_dir / "report" / "report.html").resolve())}
+               "report": "report/report.html"}  # relative to the demo folder
     write_json_atomic(out_dir / "demo.json", summary)
     return summary
 
