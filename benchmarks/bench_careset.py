@@ -1,4 +1,4 @@
-"""Benchmark CARE-set construction (SPEC 2) with a full-size, RANDOMLY initialised CLIP ViT-B/32.
+"""Benchmark CARE-set construction (method §2) with a full-size, RANDOMLY initialised CLIP ViT-B/32.
 
 Costs do not depend on the weights, but the CARE words do: the words printed here mean nothing.
 

@@ -227,7 +227,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The .jpg/.jpeg/.png files of `folder` in sorted file-name order (SPEC 2.2).
+    """The .jpg/.jpeg/.png files of `folder` in sorted file-name order (method §2.2).
 
     Raises RecareError when the folder is missing, is not a folder, or holds no image files.
     Other files are ignored.

@@ -1,4 +1,4 @@
-"""The erasure pipeline as library code: target images -> CARE-set -> training (SPEC 1, 2, 3).
+"""The erasure pipeline as library code: target images -> CARE-set -> training (method §1, 2, 3).
 
 Used by `recare run` (one TOML file, `RunSpec.from_tables`) and by the synthetic-world demo
 (recare.world.demo), so the sequence exists once. Each stage resumes from what an interrupted
@@ -70,7 +70,7 @@ def _no_timer(name: str) -> ContextManager[Any]:
 
 def target_images_stage(load_sd: SDLoader, jobs: Sequence[PromptJob], folder: Path, generation: GenerationConfig,
                         device: str | torch.device, info: dict[str, Any] | None = None) -> list[Path]:
-    """Target images of the original model (SPEC 1); finished images are kept."""
+    """Target images of the original model (method §1); finished images are kept."""
     components = load_sd("generate")
     paths = generate_images(components, jobs, folder, generation, device=device, model_info=info)
     del components
@@ -80,7 +80,7 @@ def target_images_stage(load_sd: SDLoader, jobs: Sequence[PromptJob], folder: Pa
 def careset_stage(load_clip: ClipLoader, images: Sequence[Path], reference_word: str, config: CareSetConfig,
                   path: Path, *, cache_dir: str | os.PathLike | None = None, reuse: bool = True,
                   progress: bool = True) -> CareSet:
-    """The CARE-set of the target images (SPEC 2), saved to `path`; an existing file is reused if `reuse`."""
+    """The CARE-set of the target images (method §2), saved to `path`; an existing file is reused if `reuse`."""
     if reuse and path.is_file():
         logger.info("reusing the CARE-set %s", path)
         return CareSet.load(path, reference_word=reference_word)
@@ -97,7 +97,7 @@ def train_stage(load_sd: SDLoader, configs: Sequence[TrainConfig], folders: Pipe
                 careset: CareSet | None, images: Sequence[Path], device: str | torch.device,
                 share_stage1: bool = True, timer: StageTimer = _no_timer,
                 **train_kwargs: Any) -> dict[str, TrainResult]:
-    """Train each config's method into folders.run(method), in order (SPEC 3, 4b).
+    """Train each config's method into folders.run(method), in order (method §3, 4b).
 
     A method gets the CARE-set and images only if the method table says it needs them. With
     `share_stage1`, a method with a stage 1 adopts the stage 1 of an earlier finished run in this

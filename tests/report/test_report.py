@@ -232,8 +232,8 @@ def test_results_table_hand_made():
          "care": {"score": 0.97}, "ratio": {"ratio": 0.5871}},
         {"name": "X", "robustness": {"cce": asr(11.14), "plain": asr(2.0)}, "ratio": None}]}
     header, rows = results_table(results)
-    assert header == ["method", "ASR cce (%)", "ASR plain (%)", "CLIP", "FID", "CARE", "RATIO"]
-    assert rows[0] == ["SD", "56.82 [28.4, 85.2]", "-", "0.3136", "14.12", "0.970", "0.587"]
+    assert header == ["method", "ASR cce (%)", "ASR plain (%)", "CLIP", "FID", "CARE (%)", "RATIO"]
+    assert rows[0] == ["SD", "56.82 [28.4, 85.2]", "-", "0.3136", "14.12", "97.0", "0.587"]
     assert rows[1] == ["X", "11.14 [5.6, 16.7]", "2.00 [1.0, 3.0]", "-", "-", "-", "-"]
 
 

@@ -1,4 +1,4 @@
-"""Attacks for the robustness axis (SPEC 5): plain prompts, CCE and UnlearnDiffAtk, scored as ASR.
+"""Attacks for the robustness axis (method §5): plain prompts, CCE and UnlearnDiffAtk, scored as ASR.
 
 Every attack generates images with the ATTACKED model (any `SDComponents`: base SD, an erased
 UNet, learned tokens), runs a detector on them and returns an `AttackResult`: one record per

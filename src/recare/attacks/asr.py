@@ -1,4 +1,4 @@
-"""Detection and attack success rate (SPEC 5): detector calls, ASR with a Wilson interval, records."""
+"""Detection and attack success rate (method §5): detector calls, ASR with a Wilson interval, records."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """CCE (Pham et al. 2024, "Circumventing Concept Erasure Methods for Text-to-Image Generative Models").
 
 As STEREO's public attack mode runs it: textual inversion of a FRESH placeholder against the erased
-model on held-out target images (SPEC 3b defaults), then generation with "a photo of a <token>"
+model on held-out target images (method §3b defaults), then generation with "a photo of a <token>"
 (and optionally the benchmark prompts with the concept word replaced by the token).
 """
 
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CceConfig:
-    """Concept-inversion attack settings (SPEC 5; inversion defaults of SPEC 3b)."""
+    """Concept-inversion attack settings (method §5; inversion defaults of method §3b)."""
 
     inversion: InversionConfig = InversionConfig()  # textual-inversion settings (3000 steps, lr 5e-3, ...)
     initializer: str = "person"  # initializer word of the token (the reference README: person / art)
@@ -76,7 +76,7 @@ class CceToken:
 
 
 def check_held_out(images: Sequence[str | os.PathLike], training_images: Sequence[str | os.PathLike]) -> None:
-    """RecareError when an attack image is also a training image (same file content), SPEC 5."""
+    """RecareError when an attack image is also a training image (same file content), method §5."""
     if not images:
         raise RecareError("CCE needs held-out target images (none given)")
     train = {file_sha256(p): Path(p).name for p in training_images}
@@ -106,7 +106,7 @@ def _cce_key(components: SDComponents, images: Sequence[Path], config: CceConfig
 def learn_cce_token(components: SDComponents, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                     config: CceConfig = CceConfig(), device: str | torch.device | None = None,
                     model_info: dict[str, Any] | None = None, progress: bool = True) -> CceToken:
-    """Invert the target against the attacked model: a fresh token in components (SPEC 5, 3b).
+    """Invert the target against the attacked model: a fresh token in components (method §5, 3b).
 
     `images` must be held out from training (check with `check_held_out`).
     The token and its settings are written to out_dir/cce_token.safetensors (+ .json). A later
@@ -185,7 +185,7 @@ def run_cce_attack(components: SDComponents, token: CceToken, detector: Detector
                    device: str | torch.device | None = None, model_info: dict[str, Any] | None = None,
                    benchmark_jobs: Sequence[PromptJob] = (), concept_word: str | None = None,
                    generate: ImageGenerator = generate_images) -> list[AttackResult]:
-    """Generate with the learned token and score (SPEC 5).
+    """Generate with the learned token and score (method §5).
 
     Returns the "cce" result (the generic prompt) and, when `concept_word` and `benchmark_jobs`
     are given, a "cce-replaced" result (the benchmark prompts containing the word, with it

@@ -33,7 +33,7 @@ def run_plain_attack(components: SDComponents, jobs: Sequence[PromptJob], detect
                      out_dir: str | os.PathLike, generation: GenerationConfig = GenerationConfig(),
                      device: str | torch.device | None = None, model_info: dict[str, Any] | None = None,
                      generate: ImageGenerator = generate_images) -> AttackResult:
-    """The pre-attack ASR: the benchmark prompts with their seeds and guidance (SPEC 5).
+    """The pre-attack ASR: the benchmark prompts with their seeds and guidance (method §5).
 
     Images go to out_dir (resumable, with manifest.json).
     """

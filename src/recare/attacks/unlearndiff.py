@@ -84,7 +84,7 @@ class UnlearnDiffAtkConfig:
     learning_rate: float = 0.01  # Adam learning rate ('authors'; 'single-block': AdamW)
     weight_decay: float = 0.1  # 'authors': Adam's coupled L2 weight decay; 'single-block': AdamW's decoupled
     target: str = option("original", choices=UDA_TARGETS)
-    """'original': eps of the ORIGINAL model for the plain prompt (SPEC 5); 'noise': the noise added
+    """'original': eps of the ORIGINAL model for the plain prompt (method §5); 'noise': the noise added
     to the latent (the reference code's get_loss)."""
     timestep_grid: int = 50  # t is drawn from {T/(2n) + j T/n}, j < n (the reference's sampled_t)
     skip_detected: bool = True  # as the reference: a prompt whose plain image is already detected is not attacked
@@ -176,7 +176,7 @@ def encode_x0(components: SDComponents, image: Image.Image, device: torch.device
 def optimise_prefix(attacked: SDComponents, original: SDComponents, prompt: str, x0: torch.Tensor,
                     config: UnlearnDiffAtkConfig, generator: torch.Generator,
                     device: str | torch.device | None = None, judge: Judge | None = None) -> PrefixAttack:
-    """Optimise k prefix embeddings for one prompt against the attacked model (SPEC 5).
+    """Optimise k prefix embeddings for one prompt against the attacked model (method §5).
 
     With config.procedure 'authors', `judge(attacked_prompt, block)` generates and scores an image
     after each timestep block (recare.attacks.unlearndiff_authors); it is required then.
@@ -268,7 +268,7 @@ def run_unlearndiffatk(attacked: SDComponents, original: SDComponents, jobs: Seq
                        plain_image_dir: str | os.PathLike | None = None,
                        generate: ImageGenerator = generate_images, progress: bool = True,
                        shard: ShardInfo = ShardInfo()) -> AttackResult:
-    """UnlearnDiffAtk on every prompt of a benchmark file (one attack per prompt, SPEC 5).
+    """UnlearnDiffAtk on every prompt of a benchmark file (one attack per prompt, method §5).
 
     1. The attacked model's plain images (plain_image_dir, default out_dir/plain: pass the plain
        attack's folder to reuse its images); with skip_detected, prompts already

@@ -14,7 +14,7 @@ Where recare differs from that code (README, "UnlearnDiffAtk"): the sampling and
 from one torch.Generator seeded per prompt (the code uses the global RNG); the distribution
 covers the base vocabulary without special tokens (the code includes them and drops the
 end-of-text id when decoding); the simplex projection is the exact sort-based one (the code
-bisects to 1e-5); the default target is SPEC 5's eps of the original model (`target = "noise"`
+bisects to 1e-5); the default target is method §5's eps of the original model (`target = "noise"`
 gives the code's).
 """
 

@@ -1,4 +1,4 @@
-"""The CARE-set (SPEC 2): from target images to the words to retain.
+"""The CARE-set (method §2): from target images to the words to retain.
 
 `vocab` (the encoded token vocabulary, cached), `algorithm` (candidates, residual, clustering,
 refinement: pure functions), `config` (CareSetConfig), `artifact` (the CareSet file),

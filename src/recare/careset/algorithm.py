@@ -1,4 +1,4 @@
-"""The CARE-set algorithm as pure functions of tensors/arrays (SPEC 2.2-2.5).
+"""The CARE-set algorithm as pure functions of tensors/arrays (method §2.2-2.5).
 
 1. ``top_k_candidates``: the top-K vocabulary tokens of every image, counted; top-N kept (2.2).
 2. ``orthogonal_residual``: r(e) = || e (I - e_c e_c^T) ||_2 against the reference word (2.3).
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Candidates:
-    """The top-N candidate tokens, most frequent first (SPEC 2.2)."""
+    """The top-N candidate tokens, most frequent first (method §2.2)."""
 
     indices: torch.Tensor  # (n,) long: vocabulary rows
     counts: torch.Tensor  # (n,) long: number of images whose top-K holds the token
@@ -59,7 +59,7 @@ def ranked_top_k(similarities: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
 
 def top_k_candidates(image_features: torch.Tensor, vocab_features: torch.Tensor, k: int = 50, n: int = 100,
                      chunk_size: int = 256) -> Candidates:
-    """Count each vocabulary token over the images' top-K lists and keep the N most frequent (SPEC 2.2).
+    """Count each vocabulary token over the images' top-K lists and keep the N most frequent (method §2.2).
 
     Cosine similarity is the dot product of the L2-normalised features, accumulated in float32.
     Ties in count go to the token seen first: the earliest position in the sequence of all top-K
@@ -115,7 +115,7 @@ def _check_feature_shapes(image_features: torch.Tensor, vocab_features: torch.Te
 
 
 def orthogonal_residual(embeddings: torch.Tensor, reference_embedding: torch.Tensor) -> torch.Tensor:
-    """r(e) = || e (I - e_c e_c^T) ||_2 with e_c the normalised reference embedding (SPEC 2.3).
+    """r(e) = || e (I - e_c e_c^T) ||_2 with e_c the normalised reference embedding (method §2.3).
 
     Args:
         embeddings: (n, d) or (d,); used as given (not normalised).
@@ -137,7 +137,7 @@ def orthogonal_residual(embeddings: torch.Tensor, reference_embedding: torch.Ten
 
 @dataclass(frozen=True)
 class Clustering:
-    """Global clustering of the candidates and the clusters dropped at both ends (SPEC 2.4)."""
+    """Global clustering of the candidates and the clusters dropped at both ends (method §2.4)."""
 
     labels: np.ndarray  # (n,) int: k-means cluster of each candidate
     coords: np.ndarray  # (n, 2): t-SNE coordinates
@@ -189,7 +189,7 @@ def kmeans_labels(coords: np.ndarray, n_clusters: int = 7, seed: int = 42) -> np
 
 def select_clusters(labels: np.ndarray, residuals: np.ndarray, drop_k: int = 1
                     ) -> tuple[list[int], dict[int, float], list[int], list[int], list[int], int]:
-    """Order clusters by mean residual and drop drop_k at each end, clamped to half (SPEC 2.4).
+    """Order clusters by mean residual and drop drop_k at each end, clamped to half (method §2.4).
 
     Returns:
         (order, mean_residuals, dropped_low, dropped_high, kept, effective_drop_k).
@@ -205,7 +205,7 @@ def select_clusters(labels: np.ndarray, residuals: np.ndarray, drop_k: int = 1
 
 def global_clustering(embeddings: np.ndarray, residuals: np.ndarray, n_clusters: int = 7, drop_k: int = 1,
                       perplexity: float = 30.0, seed: int = 42) -> Clustering:
-    """t-SNE -> k-means -> drop the lowest and highest mean-residual clusters (SPEC 2.4).
+    """t-SNE -> k-means -> drop the lowest and highest mean-residual clusters (method §2.4).
 
     Args:
         embeddings: (n, d) candidate embeddings. residuals: (n,) orthogonal residuals.
@@ -227,7 +227,7 @@ def global_clustering(embeddings: np.ndarray, residuals: np.ndarray, n_clusters:
 
 @dataclass(frozen=True)
 class Refinement:
-    """Intra-cluster refinement results, one entry per candidate (SPEC 2.5)."""
+    """Intra-cluster refinement results, one entry per candidate (method §2.5)."""
 
     removed: np.ndarray  # (n,) bool: removed by the refinement
     scores: np.ndarray  # (n,) d_i = r(e_-i)^2; NaN where not evaluated
@@ -235,7 +235,7 @@ class Refinement:
 
 
 def leave_one_out_scores(embeddings: torch.Tensor, reference_embedding: torch.Tensor) -> torch.Tensor:
-    """d_i = r(e_-i)^2, e_-i the mean of the other rows (SPEC 2.5). embeddings: (m, d), m >= 2."""
+    """d_i = r(e_-i)^2, e_-i the mean of the other rows (method §2.5). embeddings: (m, d), m >= 2."""
     m = embeddings.shape[0]
     others_mean = (embeddings.sum(dim=0, keepdim=True) - embeddings) / (m - 1)  # (m, d): e_-i
     return orthogonal_residual(others_mean, reference_embedding) ** 2
@@ -243,7 +243,7 @@ def leave_one_out_scores(embeddings: torch.Tensor, reference_embedding: torch.Te
 
 def intra_cluster_refinement(embeddings: torch.Tensor, reference_embedding: torch.Tensor, labels: np.ndarray,
                              kept_clusters: Sequence[int], alpha: float = 0.01, min_size: int = 2) -> Refinement:
-    """In each kept cluster of >= min_size tokens, remove i when d_i > (1 + alpha) mean_{j != i} d_j (SPEC 2.5).
+    """In each kept cluster of >= min_size tokens, remove i when d_i > (1 + alpha) mean_{j != i} d_j (method §2.5).
 
     Removing an over-aligned token raises the cluster's orthogonal component, so a large d_i
     marks token i as aligned with the reference. Decisions are made for all tokens at once.

@@ -1,4 +1,4 @@
-"""The CARE-set artifact (SPEC 2.6): a typed, versioned JSON file with per-candidate diagnostics.
+"""The CARE-set artifact (method §2.6): a typed, versioned JSON file with per-candidate diagnostics.
 
 Also reads and writes the reference code's two-key careset.json.
 """
@@ -81,7 +81,7 @@ class Diagnostics:
 
 @dataclass
 class CareSet:
-    """The CARE-set D (SPEC 2.6): CARE words with their anchor and retain prompts."""
+    """The CARE-set D (method §2.6): CARE words with their anchor and retain prompts."""
 
     reference_word: str  # the target's reference word ("nudity")
     concept_type: str  # "object", "nudity" or "style"

@@ -1,4 +1,4 @@
-"""Building a CARE-set from a model and images (SPEC 2): encode, run the algorithm, record diagnostics.
+"""Building a CARE-set from a model and images (method §2): encode, run the algorithm, record diagnostics.
 
 Image features are cached by model fingerprint and file-content hashes.
 """
@@ -135,7 +135,7 @@ def _as_rgb(item: Image.Image | str | os.PathLike) -> Image.Image:
 def build_careset(clip: ImageTextModel, images: Sequence[Image.Image | str | os.PathLike], reference_word: str,
                   config: CareSetConfig | None = None, cache_dir: str | os.PathLike | None = None,
                   progress: bool = True) -> CareSet:
-    """Build the CARE-set of the target images (SPEC 2).
+    """Build the CARE-set of the target images (method §2).
 
     Args:
         clip: image-text model (CLIP ViT-B/32 in the reference), loaded by the caller.
@@ -159,13 +159,13 @@ def build_careset(clip: ImageTextModel, images: Sequence[Image.Image | str | os.
 def build_careset_from_folder(clip: ImageTextModel, folder: str | os.PathLike, reference_word: str,
                               config: CareSetConfig | None = None, cache_dir: str | os.PathLike | None = None,
                               progress: bool = True) -> CareSet:
-    """build_careset over the folder's .jpg/.jpeg/.png files in sorted file-name order (SPEC 2.2)."""
+    """build_careset over the folder's .jpg/.jpeg/.png files in sorted file-name order (method §2.2)."""
     return build_careset(clip, list_images(folder), reference_word, config, cache_dir, progress)
 
 
 def careset_from_features(clip: ImageTextModel, image_features: torch.Tensor, vocab: Vocabulary,
                           reference_word: str, config: CareSetConfig) -> CareSet:
-    """SPEC 2.2-2.6 given encoded images and vocabulary; clip re-encodes candidates and the reference."""
+    """method §2.2-2.6 given encoded images and vocabulary; clip re-encodes candidates and the reference."""
     candidates = top_k_candidates(image_features, vocab.features, config.top_k, config.top_n)
     rows = candidates.indices.tolist()
     embeddings = clip.encode_text([vocab.texts[i] for i in rows], batch_size=config.text_batch_size)  # (n, d)

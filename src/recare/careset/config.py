@@ -1,4 +1,4 @@
-"""Settings of CARE-set construction (SPEC 2): CareSetConfig and prompt templates."""
+"""Settings of CARE-set construction (method §2): CareSetConfig and prompt templates."""
 
 from __future__ import annotations
 
@@ -25,22 +25,22 @@ RETAIN_TEMPLATES = {"object": "A photo of {}", "nudity": "A photo of {}", "style
 
 @dataclass(frozen=True)
 class CareSetConfig:
-    """Settings of CARE-set construction; defaults are the reference code's (SPEC 2)."""
+    """Settings of CARE-set construction; defaults are the reference code's (method §2)."""
 
-    top_k: int = 50  # K: tokens taken per image by cosine similarity (SPEC 2.2)
-    top_n: int = 100  # N: most frequent tokens kept over all images (SPEC 2.2)
-    n_clusters: int = 7  # k-means clusters on the t-SNE map (reference 7; the paper uses 6) (SPEC 2.4)
-    drop_k: int = 1  # clusters dropped at EACH end of the mean-residual order, clamped to n_clusters // 2 (SPEC 2.4)
-    perplexity: float = 30.0  # t-SNE perplexity; lowered to n_candidates - 1 with a warning when too large (SPEC 2.4)
-    alpha: float = 0.01  # refinement margin: remove i when d_i > (1 + alpha) * mean_{j != i} d_j (SPEC 2.5)
-    min_cluster_size: int = 2  # smallest kept cluster that is refined (>= 2) (SPEC 2.5)
+    top_k: int = 50  # K: tokens taken per image by cosine similarity (method §2.2)
+    top_n: int = 100  # N: most frequent tokens kept over all images (method §2.2)
+    n_clusters: int = 7  # k-means clusters on the t-SNE map (reference 7; the paper uses 6) (method §2.4)
+    drop_k: int = 1  # clusters dropped at EACH end of the mean-residual order, clamped to n_clusters // 2 (method §2.4)
+    perplexity: float = 30.0  # t-SNE perplexity; lowered to n_candidates - 1 with a warning if too large (method §2.4)
+    alpha: float = 0.01  # refinement margin: remove i when d_i > (1 + alpha) * mean_{j != i} d_j (method §2.5)
+    min_cluster_size: int = 2  # smallest kept cluster that is refined (>= 2) (method §2.5)
     seed: int = 42  # random_state of t-SNE and k-means
     vocab_mode: str = DEFAULT_VOCAB_MODE  # "word" (whole words, default) or "raw" (reference); see recare.vocab
     vocab_words: list[str] | None = None  # search only these words of the vocabulary (a domain list); None: all
-    cache_dtype: str = "float32"  # vocabulary features stored as "float32" or "float16" (reference) (SPEC 2.1)
+    cache_dtype: str = "float32"  # vocabulary features stored as "float32" or "float16" (reference) (method §2.1)
     concept_type: str = "object"  # "object", "nudity" (retain "A photo of {}") or "style" ("A painting of {}")
-    anchor_template: str = ANCHOR_TEMPLATE  # anchor prompt per CARE word, used in the erase loss (SPEC 2.6)
-    retain_template: str | None = None  # retain prompt per word; None: chosen by concept_type (SPEC 2.6)
+    anchor_template: str = ANCHOR_TEMPLATE  # anchor prompt per CARE word, used in the erase loss (method §2.6)
+    retain_template: str | None = None  # retain prompt per word; None: chosen by concept_type (method §2.6)
     image_batch_size: int = 32  # images per image-encoder call (no effect on the result)
     text_batch_size: int = 1024  # texts per text-encoder call (no effect on the result)
 

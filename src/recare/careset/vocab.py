@@ -1,4 +1,4 @@
-"""Vocabulary text embeddings for CARE-set construction (SPEC 2.1), with a disk cache.
+"""Vocabulary text embeddings for CARE-set construction (method §2.1), with a disk cache.
 
 Two vocabulary modes:
 
@@ -206,7 +206,7 @@ def _write_cache(tensor_path: Path, meta_path: Path, key: dict, features: torch.
 def encode_vocabulary(clip: ImageTextModel, mode: str = DEFAULT_VOCAB_MODE, batch_size: int = 1024,
                       cache_dir: str | os.PathLike | None = None, cache_dtype: str = "float32",
                       use_cache: bool = True, progress: bool = True) -> Vocabulary:
-    """Encode the tokenizer vocabulary with clip's text tower (SPEC 2.1), cached on disk.
+    """Encode the tokenizer vocabulary with clip's text tower (method §2.1), cached on disk.
 
     Args:
         clip: the image-text model (CLIP ViT-B/32 in the reference).

@@ -1,4 +1,4 @@
-"""`recare careset`: the CARE-set from target images (SPEC 2)."""
+"""`recare careset`: the CARE-set from target images (method §2)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _add_careset(sub) -> None:
     from recare.careset.config import CareSetConfig
     from recare.config import add_config_arguments
 
-    p = sub.add_parser("careset", formatter_class=Formatter, help="build the CARE-set from target images (SPEC 2)")
+    p = sub.add_parser("careset", formatter_class=Formatter, help="build the CARE-set from target images (method §2)")
     p.add_argument("--images", type=Path, required=True, help="folder of target images (.jpg/.jpeg/.png)")
     p.add_argument("--reference-word", required=True, help="the target's word, e.g. 'nudity' or 'Van Gogh'")
     add_clip_args(p)
@@ -28,7 +28,7 @@ def _add_careset(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="CARE-set JSON to write")
     p.add_argument("--layout", default="recare", choices=["recare", "reference"],
                    help="recare: versioned JSON with diagnostics; reference: the reference code's careset.json")
-    group = p.add_argument_group("CARE-set settings (CareSetConfig, SPEC 2)")
+    group = p.add_argument_group("CARE-set settings (CareSetConfig, method §2)")
     flags = add_config_arguments(group, CareSetConfig, exclude=("vocab_words",), flags={"n_clusters": "clusters"})
     p.set_defaults(run=_run_careset, careset_flags=flags, outputs=(("out", "file"),))
 

@@ -1,4 +1,4 @@
-"""`recare eval care|robustness|all` (SPEC 5)."""
+"""`recare eval care|robustness|all` (method §5)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _add_eval_care(sub) -> None:
     from recare.metrics.care_score import CareScoreConfig
 
     p = sub.add_parser("care", formatter_class=HelpFormatter,
-                       help="CARE score: CLIP R-Precision@1 of the CARE word on generated images (SPEC 5)")
+                       help="CARE score: CLIP R-Precision@1 of the CARE word on generated images (method §5)")
     add_model_args(p)
     add_clip_args(p)
     p.add_argument("--care-word", required=True, help="w*, e.g. person (nudity), stars (Van Gogh), freshwater (tench)")
@@ -138,7 +138,7 @@ def _add_model_group(p: argparse.ArgumentParser, single: bool) -> None:
 
 
 def _add_attack_group(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("attacks (defaults: SPEC 5)")
+    g = p.add_argument_group("attacks (defaults: method §5)")
     _config_flags(p, g, ("prompts", "prompt_limit", "cce_images", "training_images", "cce_replace_word", "cce", "uda"))
     g.add_argument("--uda-attack-detected", action="store_true",
                    help="UnlearnDiffAtk: also attack prompts whose plain image is already detected "
@@ -168,7 +168,7 @@ def add_eval_robustness(sub) -> None:
     from recare.config import HelpFormatter
 
     p = sub.add_parser("robustness", formatter_class=HelpFormatter,
-                       help="attack success rate of one model: plain prompts, CCE or UnlearnDiffAtk (SPEC 5)")
+                       help="attack success rate of one model: plain prompts, CCE or UnlearnDiffAtk (method §5)")
     _add_model_group(p, single=True)
     p.add_argument("--attack", required=True, choices=["plain", "cce", "unlearndiffatk"], help="the attack")
     _add_attack_group(p)
@@ -184,8 +184,8 @@ def add_eval_all(sub) -> None:
 
     p = sub.add_parser("all", formatter_class=HelpFormatter,
                        help="several models on every axis: ASR, CLIP, FID, CARE, RATIO; reports and grids",
-                       description="Settings: EvalConfig defaults (SPEC 5, shown below), then --spec FILE (TOML/JSON: "
-                                   "EvalConfig fields and [[method]] tables), then the flags given here.")
+                       description="Settings: EvalConfig defaults (method §5, shown below), then --spec FILE "
+                                   "(TOML/JSON: EvalConfig fields and [[method]] tables), then the flags given here.")
     p.add_argument("--spec", type=Path, default=None, help="evaluation spec, TOML or JSON")
     p.add_argument("--method", action="append", default=[], metavar="NAME=UNET[,EMBEDS...]",
                    help="an erased model (repeatable); the base model is always included")

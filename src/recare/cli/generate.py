@@ -1,4 +1,4 @@
-"""`recare generate`: target images (SPEC 1)."""
+"""`recare generate`: target images (method §1)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _add_generate(sub) -> None:
     from recare.generate.images import GenerationConfig
 
     p = sub.add_parser("generate", formatter_class=Formatter,
-                       help="generate target images (SPEC 1); resumes, writes manifest.json")
+                       help="generate target images (method §1); resumes, writes manifest.json")
     add_model_args(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt, e.g. 'A photo of a nude person'")

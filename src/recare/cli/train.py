@@ -1,4 +1,4 @@
-"""`recare train` and `recare run` (SPEC 3, 4b)."""
+"""`recare train` and `recare run` (method §3, 4b)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _add_train(sub) -> None:
     from recare.train.config import TrainConfig
 
     p = sub.add_parser("train", formatter_class=HelpFormatter, description=_TRAIN_DESCRIPTION,
-                       help="erase a concept: ESD, STEREO or ReCARE (SPEC 3, 4b)")
+                       help="erase a concept: ESD, STEREO or ReCARE (method §3, 4b)")
     p.add_argument("--model", default=None, help="Stable Diffusion Hub id or local diffusers folder "
                                                  "(default: [model] source of --config, else SD v1.4)")
     p.add_argument("--revision", default=None, help="Hub revision of --model")

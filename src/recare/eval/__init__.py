@@ -1,4 +1,4 @@
-"""Evaluation runs (SPEC 5): several models on robustness, utility and CARE score in one command.
+"""Evaluation runs (method §5): several models on robustness, utility and CARE score in one command.
 
 `config` (EvalConfig, methods, input validation), `runner` (`evaluate_all`, `evaluate_robustness_of`).
 May import: recare.attacks, recare.metrics, recare.report, recare.generate, recare.models,

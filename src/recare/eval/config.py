@@ -1,4 +1,4 @@
-"""Settings of `recare eval all` / `eval robustness` (SPEC 5): EvalConfig, methods, the detector spec,
+"""Settings of `recare eval all` / `eval robustness` (method §5): EvalConfig, methods, the detector spec,
 input validation before any model is loaded.
 """
 
@@ -141,7 +141,7 @@ def check_methods(methods: Sequence[MethodSpec]) -> None:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Everything `evaluate_all` does; the defaults are the reference's (SPEC 5)."""
+    """Everything `evaluate_all` does; the defaults are the reference's (method §5)."""
 
     model: str = DEFAULT_SD_MODEL  # base Stable Diffusion (Hub id or folder)
     revision: str | None = None  # Hub revision of `model`
@@ -151,7 +151,7 @@ class EvalConfig:
     prompts: str | None = None  # benchmark prompt file (CSV with evaluation_seed ...) for plain / UnlearnDiffAtk
     prompt_limit: int | None = None  # only the first N benchmark prompts
     detector: DetectorSpec = DetectorSpec()  # concept detector of the attacks
-    cce: CceConfig = CceConfig()  # CCE settings (inversion = SPEC 3b)
+    cce: CceConfig = CceConfig()  # CCE settings (inversion = method §3b)
     cce_images: str | None = None  # held-out target images for CCE (NOT the training images)
     training_images: str | None = None  # the training images, checked to share no file with cce_images
     cce_replace_word: str | None = None  # also run CCE on the benchmark prompts with this word replaced

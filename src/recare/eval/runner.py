@@ -1,4 +1,4 @@
-"""`recare eval all`: several models on the three axes of SPEC 5 in one run.
+"""`recare eval all`: several models on the three axes of method §5 in one run.
 
 For every method (the base model first, then erased UNets / learned tokens):
 - robustness: the attacks in `EvalConfig.attacks` ("plain", "cce", "unlearndiffatk"), ASR by
@@ -184,7 +184,7 @@ def _run_cce(components, method, config, res, folders, progress):
 
 def evaluate_utility(components: SDComponents, method: MethodSpec, config: EvalConfig, res: Resources,
                      folders: MethodFolders) -> dict[str, Any]:
-    """CLIP score and FID of the COCO images (SPEC 5)."""
+    """CLIP score and FID of the COCO images (method §5)."""
     jobs: list[PromptJob] = res.inputs["coco"]
     folder = folders.axis("coco", [asdict(config.generation), _file_id(config.coco_prompts)])
     paths = res.generate(components, jobs, folder, config.generation, res.device, method.model_info())
@@ -205,7 +205,7 @@ def evaluate_utility(components: SDComponents, method: MethodSpec, config: EvalC
 
 def evaluate_care(components: SDComponents, method: MethodSpec, config: EvalConfig, res: Resources,
                   folders: MethodFolders) -> dict[str, Any]:
-    """CARE score (SPEC 5) of the CARE prompts."""
+    """CARE score (method §5) of the CARE prompts."""
     folder = folders.axis("care", [asdict(config.care), list(res.inputs["care"])])
     if res.shard.distributed:  # make the images sharded; evaluate_care_score then finds them all
         from recare.generate.prompts import jobs_for_prompts
@@ -359,7 +359,7 @@ def evaluate_robustness_of(config: EvalConfig, method: MethodSpec, work_dir: str
                            load_sd: Callable[..., SDComponents] | None = None,
                            load_clip: Callable[[str], Any] | None = None,
                            shard: ShardInfo = ShardInfo()) -> dict[str, Any]:
-    """`recare eval robustness`: the attacks of config.attacks on ONE model (SPEC 5).
+    """`recare eval robustness`: the attacks of config.attacks on ONE model (method §5).
 
     config.model (+ revision) is the original model; `method` adds the erased weights / tokens
     (a method without them attacks the original model itself). Images go to work_dir.

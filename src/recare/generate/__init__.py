@@ -1,4 +1,4 @@
-"""Generation (SPEC 1): prompts and seeds, resumable image generation with a manifest, sharding over processes.
+"""Generation (method §1): prompts and seeds, resumable image generation with a manifest, sharding over processes.
 
 Owns `PromptJob`s (prompt files, seeds), `generate_images` (per-image generators, resume,
 manifest.json) and its multi-process form. May import: recare.models, recare.io,

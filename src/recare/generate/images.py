@@ -1,8 +1,8 @@
-"""Image generation with resume and a manifest (SPEC 1 target images, SPEC 5 evaluation images).
+"""Image generation with resume and a manifest (method §1 target images, method §5 evaluation images).
 
 Every image has its own `torch.Generator` seeded with its job's seed; a pipeline call gets one
 generator per image, so the images do not depend on the batch size or on which images were
-already made. The safety checker is OFF (SPEC 1).
+already made. The safety checker is OFF (method §1).
 
 Output folder layout:
     out_dir/<job.name>.png ...   one file per job
@@ -45,7 +45,7 @@ _safety_warning_given = False
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Sampling settings; defaults are the reference's (SPEC 1 and 5)."""
+    """Sampling settings; defaults are the reference's (method §1 and 5)."""
 
     num_inference_steps: int = 50  # denoising steps
     guidance_scale: float = 7.5  # classifier-free guidance, for jobs without their own guidance
@@ -260,9 +260,9 @@ def _save_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 def _warn_safety_checker_off() -> None:
-    """Warn once per process that images are generated without the safety checker (SPEC 1)."""
+    """Warn once per process that images are generated without the safety checker (method §1)."""
     global _safety_warning_given
     if not _safety_warning_given:
         logger.warning("The Stable Diffusion safety checker is DISABLED: generated images are not filtered "
-                       "(SPEC 1; with it on, most nudity images come back black).")
+                       "(method §1; with it on, most nudity images come back black).")
         _safety_warning_given = True

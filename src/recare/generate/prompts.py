@@ -1,7 +1,7 @@
 """Prompt files and generation jobs: which image to make, from which prompt, with which seed.
 
 A `PromptJob` is one image: its prompt, its seed and its output file stem. Seeds follow the
-reference (SPEC 1 and 5): image i of a prompt uses seed `seed + i` (42, 43, ...), so the same
+reference (method §1 and 5): image i of a prompt uses seed `seed + i` (42, 43, ...), so the same
 job list always gives the same images whatever the batch size.
 
 File formats read by `read_prompt_file`:
@@ -41,7 +41,7 @@ class PromptJob:
 
 
 def jobs_for_prompt(prompt: str, num_images: int, seed: int = DEFAULT_SEED) -> list[PromptJob]:
-    """Images i = 0..num_images-1 of one prompt at seeds seed+i, named `{i:05d}` (SPEC 1)."""
+    """Images i = 0..num_images-1 of one prompt at seeds seed+i, named `{i:05d}` (method §1)."""
     _check_count(num_images, "num_images")
     _check_prompt(prompt, "prompt")
     return [PromptJob(prompt, seed + i, f"{i:05d}") for i in range(num_images)]
@@ -53,7 +53,7 @@ def jobs_for_prompts(prompts: Sequence[str], num_images_per_prompt: int = 1, see
     """Jobs for a list of prompts: image i of prompt p gets seed `seeds[p] + i` and name `{p:05d}_{i:03d}`.
 
     `seeds` (one base seed per prompt) defaults to `seed` for every prompt, so each prompt's
-    images use seeds 42..42+n-1 as the CARE score does (SPEC 5).
+    images use seeds 42..42+n-1 as the CARE score does (method §5).
     """
     _check_count(num_images_per_prompt, "num_images_per_prompt")
     n = len(prompts)

@@ -1,4 +1,4 @@
-"""Metrics (SPEC 5): CARE score, CLIP score, FID, RATIO, the CARE labels and the concept detectors.
+"""Metrics (method §5): CARE score, CLIP score, FID, RATIO, the CARE labels and the concept detectors.
 
 Each metric is a function of images and models passed in. May import: recare.generate (the
 CARE score generates its images), recare.models, recare.io, recare.errors, recare.config;

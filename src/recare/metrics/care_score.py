@@ -1,4 +1,4 @@
-"""The CARE score (SPEC 5): does the erased model still draw the co-occurring concept w*?
+"""The CARE score (method §5): does the erased model still draw the co-occurring concept w*?
 
 Generate images from prompts that contain w* ("A photo of a person"); an image is a success
 when its CLIP cosine to the label w* is the largest over a fixed label list (R-Precision@1,
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 def care_hits(image_features: torch.Tensor, label_features: torch.Tensor, target_index: int) -> torch.Tensor:
-    """Successes of R-Precision@1: the target label has the strictly largest cosine (SPEC 5).
+    """Successes of R-Precision@1: the target label has the strictly largest cosine (method §5).
 
     Args:
         image_features: (n, d) image embeddings (normalised here, so any scale is fine).
@@ -167,7 +167,7 @@ def check_labels(labels: Sequence[str], care_word: str) -> int:
         raise RecareError(f"label list has duplicates: {duplicates}")
     if care_word not in labels:
         raise RecareError(f"CARE word {care_word!r} is not in the label list ({len(labels)} labels); "
-                          "it must be on the list (SPEC 5: it is never added automatically)")
+                          "it must be on the list (method §5: it is never added automatically)")
     return list(labels).index(care_word)
 
 
@@ -181,7 +181,7 @@ def score_care_images(
     settings: dict[str, Any] | None = None,
     batch_size: int = 64,
 ) -> CareScoreReport:
-    """CARE score of already-generated images (SPEC 5).
+    """CARE score of already-generated images (method §5).
 
     Args:
         clip: the image-text model (ViT-B/32 in the reference).
@@ -222,7 +222,7 @@ def _tally(hits: torch.Tensor, target_cos: torch.Tensor) -> CareTally:
 
 @dataclass(frozen=True)
 class CareScoreConfig:
-    """CARE-score settings; defaults are the reference's (SPEC 5)."""
+    """CARE-score settings; defaults are the reference's (method §5)."""
 
     images_per_prompt: int = 10  # images per prompt, at seeds seed..seed+images_per_prompt-1
     seed: int = DEFAULT_SEED  # base seed of every prompt
@@ -263,7 +263,7 @@ def evaluate_care_score(
     device: str | torch.device | None = None,
     model_info: dict[str, Any] | None = None,
 ) -> CareScoreReport:
-    """Generate images_per_prompt images per prompt (seeds 42+i for every prompt) and score them (SPEC 5).
+    """Generate images_per_prompt images per prompt (seeds 42+i for every prompt) and score them (method §5).
 
     Images are kept in `image_dir` (with manifest.json; an interrupted run resumes there), else
     they go to a temporary folder that is removed afterwards. `model_info` identifies the SD

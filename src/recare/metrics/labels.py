@@ -1,4 +1,4 @@
-"""The CARE-score label list, the CARE word of each concept, and the shipped data files (SPEC 5).
+"""The CARE-score label list, the CARE word of each concept, and the shipped data files (method §5).
 
 The reference scores every concept against ONE fixed list of 82 labels: the 80 COCO object
 classes plus 'stars' and 'freshwater'. The CARE word w* must be on the list; it is never added.
@@ -29,7 +29,7 @@ COCO_LABELS: tuple[str, ...] = (
 # Labels the reference adds for the Van Gogh and tench CARE words.
 CARE_EXTRA_LABELS: tuple[str, ...] = ("stars", "freshwater")
 
-# Concept -> its CARE word w* (SPEC 5).
+# Concept -> its CARE word w* (method §5).
 CARE_WORDS: dict[str, str] = {"nudity": "person", "vangogh": "stars", "tench": "freshwater"}
 
 # CARE word -> the shipped prompt file (src/recare/data/, see its README.md).
@@ -41,7 +41,7 @@ CARE_PROMPT_FILES: dict[str, str] = {
 
 
 def default_care_labels() -> list[str]:
-    """The reference's 82 labels: COCO's 80 then 'stars', 'freshwater' (SPEC 5).
+    """The reference's 82 labels: COCO's 80 then 'stars', 'freshwater' (method §5).
 
     The reference lists 'person' after the other 79 COCO labels; order matters only for exact
     ties, which recare.care_score.care_hits counts as failures whatever the order.

@@ -1,4 +1,4 @@
-"""RATIO (SPEC 5): the normalised area of a method's radar chart over the evaluation axes.
+"""RATIO (method §5): the normalised area of a method's radar chart over the evaluation axes.
 
 Definition used here (the paper does not publish its normalisation):
 
@@ -14,7 +14,7 @@ Definition used here (the paper does not publish its normalisation):
 
 So RATIO is 1 for a method that is perfect on every axis, 0.25 when every radius is 0.5, and
 it depends on the axis order (neighbours multiply). With the defaults and the paper's own
-SD v1.4 / ESD / STEREO / ReCARE numbers (SPEC 6, axes CCE defence, CLIP, FID, CARE) this gives
+SD v1.4 / ESD / STEREO / ReCARE numbers (method §6, axes CCE defence, CLIP, FID, CARE) this gives
 0.587 / 0.563 / 0.306 / 0.771 against the paper's 0.56 / 0.49 / 0.21 / 0.76: the same
 ranking, not the same values.
 """
@@ -39,7 +39,7 @@ class RadarNormalisation:
     """Bounds that map raw metrics to radar radii in [0, 1] (a project convention, see module doc)."""
 
     clip_low: float = 0.20  # CLIP score drawn at radius 0 (ViT-B/32 cosines of images unrelated to their prompt)
-    clip_high: float = 0.32  # CLIP score drawn at radius 1 (just above SD v1.4's 0.3136 on COCO, SPEC 6)
+    clip_high: float = 0.32  # CLIP score drawn at radius 1 (just above SD v1.4's 0.3136 on COCO, method §6)
     fid_best: float = 10.0  # FID drawn at radius 1 (SD v1.x-family models score about 13-18 on COCO-30k)
     fid_worst: float = 30.0  # FID drawn at radius 0
 

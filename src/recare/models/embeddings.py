@@ -1,6 +1,6 @@
 """Token embeddings of a CLIP text encoder: placeholder tokens, and rows overridden during a forward.
 
-One mechanism serves textual inversion (one token's row is a trained tensor, SPEC 3b) and
+One mechanism serves textual inversion (one token's row is a trained tensor, method §3b) and
 UnlearnDiffAtk (the first k positions of every prompt are trained tensors): a forward hook on the
 token-embedding module replaces looked-up rows, so gradients reach the trained tensors and the
 embedding table itself is never modified.
@@ -28,7 +28,7 @@ def add_placeholder_token(tokenizer, text_encoder, placeholder: str, initializer
                           initializer_mode: str = "word") -> tuple[int, int]:
     """Add `placeholder` to tokenizer and text encoder, its embedding copied from `initializer`.
 
-    initializer_mode (SPEC 3b):
+    initializer_mode (method §3b):
       - "word" (default, diffusers' textual-inversion example): `initializer` must tokenise to
         exactly one token as a whole word: "person" -> "person</w>" (id 2533), "art" ->
         "art</w>" (id 794). Several tokens raise RecareError naming the pieces. This is the

@@ -117,7 +117,7 @@ class SDComponents:
     def pipeline(self, scheduler: Any | None = None):
         """A diffusers StableDiffusionPipeline over these components, safety checker OFF.
 
-        recare generates target images of unsafe concepts on purpose (SPEC 1): with the
+        recare generates target images of unsafe concepts on purpose (method §1): with the
         safety checker on, most nudity images come back black.
         """
         from diffusers import StableDiffusionPipeline

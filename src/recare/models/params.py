@@ -1,4 +1,4 @@
-"""Which UNet parameters the student trains (SPEC 3: train_method), and an optional LoRA.
+"""Which UNet parameters the student trains (method §3: train_method), and an optional LoRA.
 
 Modes follow the reference code (damilab/CARE, utils/utils.py FineTunedModel) and ESD's
 diffusers script (rohitgandikota/erasing, esd_sd.py): only the weights and biases of

@@ -1,6 +1,6 @@
 """Reports of `recare eval all`: results.json, report.md, report.html, radar.png and image grids.
 
-The table follows the paper's (SPEC 6): method, ASR per attack, CLIP, FID, CARE, RATIO. Every
+The table follows the paper's (method §6): method, ASR per attack, CLIP, FID, CARE, RATIO. Every
 report starts with the notes (random/tiny models are flagged there) and states the RATIO
 normalisation next to the numbers.
 """
@@ -45,9 +45,14 @@ def attack_names(results: Mapping[str, Any]) -> list[str]:
 
 
 def results_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the paper-style table; ASR cells carry their 95% interval."""
+    """(header, rows) of the paper-style table; ASR cells carry their 95% interval.
+
+    One scale per quantity in every recare table: rates (ASR, CARE score) in percent, the CLIP
+    score as a cosine (not x100), FID labelled with its feature space when that is not Inception.
+    """
     attacks = attack_names(results)
-    header = ["method"] + [f"ASR {a} (%)" for a in attacks] + ["CLIP", "FID", "CARE", "RATIO"]
+    header = (["method"] + [f"ASR {a} (%)" for a in attacks]
+              + ["CLIP", fid_label(results), "CARE (%)", "RATIO"])
     rows = []
     for entry in results["methods"]:
         row = [entry["name"]]
@@ -57,14 +62,25 @@ def results_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
         utility = entry.get("utility", {})
         row.append(_fmt(utility.get("clip_score", {}).get("mean"), 4))
         row.append(_fmt(utility.get("fid", {}).get("fid"), 2))
-        row.append(_fmt(entry.get("care", {}).get("score"), 3))
+        care = entry.get("care", {}).get("score")
+        row.append(_fmt(None if care is None else 100 * care, 1))
         row.append(_fmt((entry.get("ratio") or {}).get("ratio"), 3))
         rows.append(row)
     return header, rows
 
 
+def fid_label(results: Mapping[str, Any]) -> str:
+    """'FID', or 'FID (<feature space>)' when the features are not clean-fid's Inception ones."""
+    spaces = {str((e.get("utility") or {}).get("fid", {}).get("extractor_id", "")).split(":")[0]
+              for e in results.get("methods", []) if (e.get("utility") or {}).get("fid")}
+    spaces.discard("")
+    if not spaces or all("inception" in s.lower() for s in spaces):
+        return "FID"
+    return f"FID ({', '.join(sorted(spaces))})"
+
+
 def _settings_summary(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings every report records (SPEC 5): detector, attacks, generation, FID and CARE."""
+    """The settings every report records (method §5): detector, attacks, generation, FID and CARE."""
     config = results["config"]
     keys = ("attacks", "prompts", "prompt_limit", "cce", "cce_images", "cce_replace_word", "uda", "generation",
             "coco_prompts", "coco_limit", "fid_reference", "clip_model", "care_word", "care_prompts", "care")
@@ -99,7 +115,7 @@ def markdown_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "ASR: attack success rate in percent (lower is better) with its Wilson 95% interval. "
               "CLIP: mean CLIP cosine (higher is better). FID: clean-mode FID (lower is better). "
-              "CARE: fraction of CARE images classified as the CARE word (higher is better)."]
+              "CARE: percent of CARE images classified as the CARE word (higher is better)."]
     for item in _unevaluated(results):
         lines.append(f"- not evaluated: {item}")
     lines += ["", "## RATIO normalisation", ""]

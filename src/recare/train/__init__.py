@@ -1,4 +1,4 @@
-"""Erasure training (SPEC 3, 4, 4b): ESD, STEREO and ReCARE from one trainer.
+"""Erasure training (method §3, 4, 4b): ESD, STEREO and ReCARE from one trainer.
 
 `config` (TrainConfig and its TOML form), `methods` (what each method needs), `guidance` and
 `losses` (pure tensor math of the targets), `sampling` (partial DDIM trajectories),

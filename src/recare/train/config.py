@@ -1,4 +1,4 @@
-"""Settings of erasure training (SPEC 3, 4b): TrainConfig and its TOML/dict form.
+"""Settings of erasure training (method §3, 4b): TrainConfig and its TOML/dict form.
 
 Defaults are the reference code's (damilab/CARE) for ReCARE and STEREO, and esd_sd.py's
 (rohitgandikota/erasing) for the ESD baseline; fields whose default depends on the method are
@@ -47,11 +47,11 @@ DEFAULT_STEREO_ANCHORS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines an erasure run; reference defaults (SPEC 3, 4, 4b)."""
+    """Everything that determines an erasure run; reference defaults (method §3, 4, 4b)."""
 
     method: str = option("recare", choices=METHODS)
     """'recare' (stage 1 + ReCARE stage 2), 'stereo' (stage 1 + compositional erase without the
-    retain loss, SPEC 4b) or 'esd' (the ESD erase only, no inversion)."""
+    retain loss, method §4b) or 'esd' (the ESD erase only, no inversion)."""
     concept: str = "nudity"
     """The target word c, erased as the prompt itself ("nudity", "Van Gogh", "tench")."""
     train_method: str = option("noxattn", choices=TRAIN_MODES)
@@ -64,7 +64,7 @@ class TrainConfig:
     """LoRA alpha (the update is scaled by alpha / lora_rank); None: lora_rank (scale 1).
     Ignored when lora_rank is 0."""
 
-    # --- stage 1 (SPEC 3a) and the ESD baseline (SPEC 4b)
+    # --- stage 1 (method §3a) and the ESD baseline (method §4b)
     rounds: int = 2
     """n_iterations: erase + inversion rounds of stage 1 (ESD: ignored, one erase)."""
     erase_iterations: int = 200
@@ -77,19 +77,19 @@ class TrainConfig:
     negative_guidance: float = 2.0
     """Stage-1 APG scale s (target normalized_guidance(eps_c, eps_u, s)); ESD's eta."""
     eta: float = 1.0
-    """APG weight of the parallel component (SPEC 4), stage-1 and stage-2 targets."""
+    """APG weight of the parallel component (method §4), stage-1 and stage-2 targets."""
     initializer: str = "person"
     """Word whose embedding starts each textual inversion ("person" nudity, "art" Van Gogh)."""
     placeholder_template: str = "<recare-{}>"
     """Name of round k's learned token; '{}' becomes k (1, 2, ...)."""
     inversion: InversionConfig = field(default_factory=InversionConfig)
-    """Textual-inversion settings (SPEC 3b: 3000 steps, lr 5e-3, ...)."""
+    """Textual-inversion settings (method §3b: 3000 steps, lr 5e-3, ...)."""
     reseed_each_round: bool = True
     """Re-seed the generator with `seed` at the start of every erase round and every inversion,
     as the reference does (both rounds then draw the same stop points and noise). False: one
     generator stream for the whole run."""
 
-    # --- stage 2 (SPEC 3 stage 2; STEREO SPEC 4b)
+    # --- stage 2 (method §3 stage 2; STEREO method §4b)
     stage2_iterations: int = 200
     """Iterations of stage 2."""
     stage2_lr: float = 2e-5
@@ -103,7 +103,7 @@ class TrainConfig:
     stereo_anchors: tuple[str, ...] = ()
     """STEREO's anchor prompts; () uses DEFAULT_STEREO_ANCHORS[concept key]."""
 
-    # --- sampling of the training latents (SPEC 3a)
+    # --- sampling of the training latents (method §3a)
     trajectory_guidance: float = 3.0
     """Classifier-free guidance of the partial DDIM trajectory (with the current student)."""
     ddim_steps: int = 50

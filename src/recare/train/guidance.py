@@ -1,4 +1,4 @@
-"""Adaptive projected guidance and prediction-type conversion (SPEC 4, 4c).
+"""Adaptive projected guidance and prediction-type conversion (method §4, 4c).
 
 Adaptive projected guidance (APG) is from Sadat et al. (2024), "Eliminating Oversaturation and
 Artifacts of High Guidance Scales in Diffusion Models" (arXiv 2410.02416): the guidance update
@@ -13,7 +13,7 @@ intend"). With eta = 1, orth + par == d up to rounding, so both guidance functio
 linear combinations of the predictions:
     normalized_guidance(cond, uncond, 2)                  == uncond
     compositional_guidance(H with -g, [a] with +g, uncond) == uncond + (g-1) d_a - (g+1) mean_h d_h
-(at g = 2: uncond + d_a - 3 mean_h d_h, SPEC 4).
+(at g = 2: uncond + d_a - 3 mean_h d_h, method §4).
 
 All tensors are (B, C, H, W) or any shape whose last three dimensions are (C, H, W): norms and
 inner products are taken per item over the last three dimensions.
@@ -51,7 +51,7 @@ def project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def apg_update(cond: torch.Tensor, uncond: torch.Tensor, eta: float = 1.0,
                norm_threshold: float = 0.0) -> torch.Tensor:
-    """The APG update orth + eta * par of d = cond - uncond, projected against cond (SPEC 4).
+    """The APG update orth + eta * par of d = cond - uncond, projected against cond (method §4).
 
     norm_threshold > 0 first rescales d to at most that norm per item, d * min(1, r / ||d||)
     (Sadat et al. 2024, Eq. 7, the reference's `norm_threshold`; its training passes 0 = off).
@@ -68,7 +68,7 @@ def apg_update(cond: torch.Tensor, uncond: torch.Tensor, eta: float = 1.0,
 
 def normalized_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, eta: float = 1.0,
                         norm_threshold: float = 0.0) -> torch.Tensor:
-    """APG with the reference's sign: cond - (scale - 1) * (orth + eta * par) (SPEC 4).
+    """APG with the reference's sign: cond - (scale - 1) * (orth + eta * par) (method §4).
 
     Args:
         cond: conditional prediction eps(z, c), (B, C, H, W).
@@ -86,7 +86,7 @@ def normalized_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, 
 
 def compositional_guidance(conds: Sequence[torch.Tensor], uncond: torch.Tensor, scales: Sequence[float],
                            eta: float = 1.0, norm_threshold: float = 0.0) -> torch.Tensor:
-    """Compositional APG over several concepts (SPEC 4; reference normalized_compositional_guidance).
+    """Compositional APG over several concepts (method §4; reference normalized_compositional_guidance).
 
     For each (cond_k, s_k): u_k = orth_k + eta * par_k of (cond_k - uncond) against cond_k.
     Concepts with s_k > 0 add (s_k - 1) u_k into P, the others (s_k <= 0, as in the reference,
@@ -121,7 +121,7 @@ def compositional_guidance(conds: Sequence[torch.Tensor], uncond: torch.Tensor, 
 
 def to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, timesteps: int | torch.Tensor,
                scheduler: Any) -> torch.Tensor:
-    """Convert a UNet output to an epsilon prediction (SPEC 4c).
+    """Convert a UNet output to an epsilon prediction (method §4c).
 
     For v-prediction (Salimans & Ho 2022, "Progressive Distillation", Sec. 4 and App. D):
     x_t = alpha_t x_0 + sigma_t eps and v = alpha_t eps - sigma_t x_0 give

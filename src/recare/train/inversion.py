@@ -1,4 +1,4 @@
-"""Textual (concept) inversion of a new token against a given, possibly erased, UNet (SPEC 3b, 5).
+"""Textual (concept) inversion of a new token against a given, possibly erased, UNet (method §3b, 5).
 
 Used by stage 1 of ReCARE/STEREO (invert the target against the model erased so far) and by
 the CCE attack (invert the target against the final erased model). The objective is the
@@ -97,7 +97,7 @@ TEMPLATE_SETS = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 @dataclass(frozen=True)
 class InversionConfig:
-    """Textual-inversion settings; defaults are the reference's (SPEC 3b)."""
+    """Textual-inversion settings; defaults are the reference's (method §3b)."""
 
     steps: int = 3000
     """Optimisation steps."""
@@ -195,7 +195,7 @@ def read_templates(path: str | os.PathLike) -> tuple[str, ...]:
 
 
 def image_slices(paths: Sequence[str | os.PathLike], n_rounds: int) -> list[list[str | os.PathLike]]:
-    """Split the sorted image list into n_rounds contiguous slices, one per stage-1 round (SPEC 3b).
+    """Split the sorted image list into n_rounds contiguous slices, one per stage-1 round (method §3b).
 
     As in the reference, every slice holds len(paths) // n_rounds images (round k gets
     sorted[k * size:(k + 1) * size]); the len(paths) % n_rounds last images are not used.
@@ -232,7 +232,7 @@ class LatentCache:
     """Posterior mean and std of each image's VAE encoding, unflipped (index 0) and flipped (1).
 
     Sampling mean + std * noise draws from the same Gaussian as the reference's per-step
-    `vae.encode(x).latent_dist.sample()` (SPEC 3b), without re-running the encoder.
+    `vae.encode(x).latent_dist.sample()` (method §3b), without re-running the encoder.
     """
 
     mean: torch.Tensor
@@ -443,7 +443,7 @@ def train_textual_inversion(
     unet: torch.nn.Module | None = None,
     progress: bool = True,
 ) -> LearnedEmbedding:
-    """Learn the embedding of a new token `placeholder` from `images` against a frozen UNet (SPEC 3b).
+    """Learn the embedding of a new token `placeholder` from `images` against a frozen UNet (method §3b).
 
     Adds `placeholder` to components.tokenizer / text_encoder (initialised from `initializer`,
     see add_placeholder_token) and leaves the learned embedding in the table, so the

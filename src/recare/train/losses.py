@@ -1,4 +1,4 @@
-"""Erasure loss targets as pure functions of noise predictions (SPEC 3, 4, 4b).
+"""Erasure loss targets as pure functions of noise predictions (method §3, 4, 4b).
 
 Every function takes epsilon predictions (convert v-prediction outputs first with
 recare.guidance.to_epsilon) of shape (B, C, H, W) computed at the same noisy latent z and
@@ -17,7 +17,7 @@ from recare.train.guidance import compositional_guidance, normalized_guidance
 
 def esd_target(eps_from: torch.Tensor, eps_concept: torch.Tensor, eps_uncond: torch.Tensor,
                negative_guidance: float = 2.0) -> torch.Tensor:
-    """ESD target as in esd_sd.py of Gandikota et al. (2023), "Erasing Concepts from Diffusion Models" (SPEC 4b).
+    """ESD target as in esd_sd.py of Gandikota et al. (2023), "Erasing Concepts from Diffusion Models" (method §4b).
 
     eps*(z, c_from) - eta * (eps*(z, c) - eps*(z, "")) with eta = negative_guidance. With
     c_from = c this is eps_c - eta (eps_c - eps_u): at eta = 2, 2 eps_u - eps_c, which is the
@@ -29,7 +29,7 @@ def esd_target(eps_from: torch.Tensor, eps_concept: torch.Tensor, eps_uncond: to
 
 def stage1_erase_target(eps_concept: torch.Tensor, eps_uncond: torch.Tensor, scale: float = 2.0,
                         eta: float = 1.0) -> torch.Tensor:
-    """ReCARE stage-1 erase target (SPEC 3a): normalized_guidance(eps*(z,c), eps*(z,""), scale, eta).
+    """ReCARE stage-1 erase target (method §3a): normalized_guidance(eps*(z,c), eps*(z,""), scale, eta).
 
     At the reference default scale 2, eta 1 it is exactly eps*(z, "") (up to rounding): the
     concept is mapped to the unconditional prediction, unlike ESD's 2 eps_u - eps_c.
@@ -39,7 +39,7 @@ def stage1_erase_target(eps_concept: torch.Tensor, eps_uncond: torch.Tensor, sca
 
 def recare_erase_target(eps_erase: Sequence[torch.Tensor], eps_anchor: torch.Tensor | Sequence[torch.Tensor],
                         eps_uncond: torch.Tensor, guidance: float = 2.0, eta: float = 1.0) -> torch.Tensor:
-    """ReCARE stage-2 erase target E (SPEC 3, stage 2).
+    """ReCARE stage-2 erase target E (method §3, stage 2).
 
     compositional_guidance of the erase set H with scale -guidance each and the anchor(s) with
     scale +guidance, around eps*(z, ""). At guidance 2, eta 1:
@@ -61,7 +61,7 @@ def recare_erase_target(eps_erase: Sequence[torch.Tensor], eps_anchor: torch.Ten
 
 
 def retain_target(eps_teacher_retain: torch.Tensor) -> torch.Tensor:
-    """CARE retain target (SPEC 3, stage 2): the teacher's prediction eps*(z, r), detached."""
+    """CARE retain target (method §3, stage 2): the teacher's prediction eps*(z, r), detached."""
     return eps_teacher_retain.detach()
 
 
@@ -73,7 +73,7 @@ def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def recare_loss(pred_erase: torch.Tensor, target_erase: torch.Tensor, pred_retain: torch.Tensor,
                 target_retain: torch.Tensor, retain_weight: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """L = L_erase + lambda * L_retain with mean-squared errors (SPEC 3, stage 2).
+    """L = L_erase + lambda * L_retain with mean-squared errors (method §3, stage 2).
 
     Returns:
         (total, erase, retain) scalar tensors; gradients flow only through the predictions.

@@ -8,9 +8,9 @@ TrainConfig). Adding a method means one `ErasureMethod` entry plus its loss func
   rohitgandikota/erasing): one erase phase, target eps*_c - s (eps*_c - eps*_u), Adam 5e-5.
 - STEREO (Srivatsan et al. 2024): stage 1 (iterative erase + textual inversion, AdamW 0.5e-5),
   then the compositional erase of the target and the learned tokens anchored to STEREO's
-  anchor prompts, no retain loss (SPEC 4b).
+  anchor prompts, no retain loss (method §4b).
 - ReCARE (ICLR 2026): the same stage 1, then the compositional erase anchored to the CARE-set's
-  words plus the retain loss on the CARE prompts (SPEC 3 stage 2).
+  words plus the retain loss on the CARE prompts (method §3 stage 2).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def esd_erase_target(eps_concept: torch.Tensor, eps_uncond: torch.Tensor, scale:
 
 
 def apg_erase_target(eps_concept: torch.Tensor, eps_uncond: torch.Tensor, scale: float, eta: float) -> torch.Tensor:
-    """Stage 1's target normalized_guidance(eps*_c, eps*_u, s) with APG weight eta (SPEC 3a)."""
+    """Stage 1's target normalized_guidance(eps*_c, eps*_u, s) with APG weight eta (method §3a)."""
     return stage1_erase_target(eps_concept, eps_uncond, scale, eta)
 
 
@@ -91,11 +91,11 @@ METHODS: dict[str, ErasureMethod] = {
         name="esd", display_name="ESD", reference="Gandikota et al. 2023 (ESD-u; esd_sd.py)",
         erase_target=esd_erase_target, erase_lr=5e-5, erase_optimizer="adam", learns_tokens=False),
     "stereo": ErasureMethod(
-        name="stereo", display_name="STEREO", reference="Srivatsan et al. 2024 (SPEC 4b)",
+        name="stereo", display_name="STEREO", reference="Srivatsan et al. 2024 (method §4b)",
         erase_target=apg_erase_target, erase_lr=0.5e-5, erase_optimizer="adamw", learns_tokens=True,
         stage2_anchors=ANCHORS_FROM_CONFIG, retain_loss=False),
     "recare": ErasureMethod(
-        name="recare", display_name="ReCARE", reference="ReCARE, ICLR 2026 (SPEC 3)",
+        name="recare", display_name="ReCARE", reference="ReCARE, ICLR 2026 (method §3)",
         erase_target=apg_erase_target, erase_lr=0.5e-5, erase_optimizer="adamw", learns_tokens=True,
         stage2_anchors=ANCHORS_FROM_CARESET, retain_loss=True),
 }

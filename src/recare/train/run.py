@@ -1,4 +1,4 @@
-"""`train`: one erasure run from start to outputs, resumable (SPEC 3, 4, 4b; see recare.train.trainer).
+"""`train`: one erasure run from start to outputs, resumable (method §3, 4, 4b; see recare.train.trainer).
 
 Checks the inputs before anything is written, decides what the output folder holds (a new run,
 one to resume, a finished one), runs the trainer and writes unet.safetensors, lora.safetensors,

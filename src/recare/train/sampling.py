@@ -1,4 +1,4 @@
-"""Partial DDIM trajectories and the training timestep (SPEC 3a).
+"""Partial DDIM trajectories and the training timestep (method §3a).
 
 Each erasure iteration (ESD, ReCARE stages 1 and 2) draws a stop index i in [1, 48], runs i
 steps of a 50-step DDIM schedule from fresh noise with classifier-free guidance 3 using the
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 def make_ddim_scheduler(scheduler: Any, num_steps: int = 50) -> Any:
-    """A DDIMScheduler from another scheduler's config (SPEC 3: the reference trains with DDIM).
+    """A DDIMScheduler from another scheduler's config (method §3: the reference trains with DDIM).
 
     Keys that DDIM reads and the source config holds (betas, steps_offset, prediction_type,
     clip_sample, ...) carry over, as in the reference's DDIMScheduler.from_pretrained of the
@@ -57,7 +57,7 @@ def training_timestep(ddim_scheduler: Any, stop_index: int, num_steps: int = 50)
 
 
 def sample_stop_index(generator: torch.Generator | None = None, low: int = 1, high: int = 48) -> int:
-    """A uniform stop index in [low, high], both inclusive (SPEC 3a: [1, 48] for 50 steps)."""
+    """A uniform stop index in [low, high], both inclusive (method §3a: [1, 48] for 50 steps)."""
     if low > high:
         raise ValueError(f"empty stop-index range [{low}, {high}]")
     device = generator.device if generator is not None else "cpu"

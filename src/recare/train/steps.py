@@ -1,4 +1,4 @@
-"""The building blocks of an erasure iteration (SPEC 3): parameter selection, teacher/student
+"""The building blocks of an erasure iteration (method §3): parameter selection, teacher/student
 predictions, the stage-1 and stage-2 losses of one batch, autocast.
 """
 
@@ -33,7 +33,7 @@ Params = dict[str, torch.Tensor]
 
 
 def balanced_schedule(items: Sequence[Any], n: int, generator: torch.Generator) -> list[Any]:
-    """n draws in which every item appears about equally often (SPEC 3 stage 2).
+    """n draws in which every item appears about equally often (method §3 stage 2).
 
     As the reference builds its erase/anchor/retain lists: each item repeated floor(n / len)
     times and the whole list shuffled once, then the n mod len remaining draws taken WITHOUT
@@ -154,7 +154,7 @@ class Stage2Rows:
 
 def stage2_loss(unet, teacher: Params, scheduler, z: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
                 rows: Stage2Rows, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """L = MSE(eps_theta(z,h), E) + lambda MSE(eps_theta(z,r), eps*(z,r)) (SPEC 3 stage 2).
+    """L = MSE(eps_theta(z,h), E) + lambda MSE(eps_theta(z,r), eps*(z,r)) (method §3 stage 2).
 
     E = recare_erase_target({eps*(z,h')}_H, eps*(z,a), eps*(z,"")). One teacher call on
     ["", H..., a, r] and one student call on [h, r]. Without a retain row (STEREO) L = L_erase.

@@ -1,4 +1,4 @@
-"""Erasure training on Stable Diffusion: ESD, STEREO and ReCARE (SPEC 3, 4, 4b), resumable.
+"""Erasure training on Stable Diffusion: ESD, STEREO and ReCARE (method §3, 4, 4b), resumable.
 
 Phases of a run (`plan_phases`):
 - ReCARE / STEREO: for each stage-1 round r = 1..n: "erase-r" (erase the current concept:
@@ -335,7 +335,7 @@ class Trainer:
         optimizer.step()
 
     def _erase(self, phase: Phase) -> None:
-        """Stage-1 erase round (SPEC 3a) or the ESD erase (SPEC 4b)."""
+        """Stage-1 erase round (method §3a) or the ESD erase (method §4b)."""
         config = self.config
         if self.state.step == 0 and config.reseed_each_round:
             self.generator.manual_seed(config.seed)
@@ -370,7 +370,7 @@ class Trainer:
         return teacher_copy(self.trainable, self.teacher_dtype)
 
     def _inversion(self, phase: Phase) -> None:
-        """Textual inversion of round r's token against the erased UNet (SPEC 3b)."""
+        """Textual inversion of round r's token against the erased UNet (method §3b)."""
         config = self.config
         if config.reseed_each_round:
             self.generator.manual_seed(config.seed)
@@ -393,7 +393,7 @@ class Trainer:
         return erase, list(anchors), list(retain)
 
     def _stage2(self, phase: Phase) -> None:
-        """ReCARE stage 2 (SPEC 3) or STEREO's compositional erase (SPEC 4b), from the original UNet."""
+        """ReCARE stage 2 (method §3) or STEREO's compositional erase (method §4b), from the original UNet."""
         config = self.config
         erase, anchors, retain = self._stage2_prompts()
         if self.state.step == 0:

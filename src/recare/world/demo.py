@@ -3,10 +3,10 @@
 Stages (each resumes from what an earlier, interrupted run left in the output folder):
 
 1. world data: prompt files and real renders (the world's COCO: FID reference images);
-2. target images of the original world model for "a dotted <colour> thing" (SPEC 1), plus a
+2. target images of the original world model for "a dotted <colour> thing" (method §1), plus a
    held-out set (other seeds) for the CCE attack;
-3. CARE-set from the target images with the world's CLIP (SPEC 2);
-4. ESD, STEREO and ReCARE from the one trainer (SPEC 3, 4b); ReCARE adopts STEREO's stage 1
+3. CARE-set from the target images with the world's CLIP (method §2);
+4. ESD, STEREO and ReCARE from the one trainer (method §3, 4b); ReCARE adopts STEREO's stage 1
    (same recipe, settings and seed: recare.train's stage1_from gives the same result as rerunning it);
 5. evaluation (recare.evaluate.evaluate_all): target presence under plain prompts and a CCE
    attack, scored by the world's ground-truth classifier; CLIP score and FID in the world

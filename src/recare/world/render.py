@@ -3,7 +3,7 @@
 One object per image: a SHAPE with a COLOUR and a TEXTURE on a BACKGROUND, rendered at 16x16
 RGB (every concept word is ONE CLIP BPE token, see `WORD_TOKEN_IDS`).
 
-Analogue of the paper's nudity case (SPEC, Terms):
+Analogue of the paper's nudity case (docs/method.md, Terms):
 - target concept T = the texture "dotted" (analogue of "nudity");
 - co-occurring benign concept C = the shape "circle" (analogue of "person"): P(circle | dotted)
   = 0.8, while circles without dots are common too (P(circle | not dotted) = 0.25);

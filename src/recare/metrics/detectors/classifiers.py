@@ -1,4 +1,4 @@
-"""Classifier detectors: ImageNet top-k (objects) and a style classifier (artists) (SPEC 5)."""
+"""Classifier detectors: ImageNet top-k (objects) and a style classifier (artists) (method §5)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def top_k_hits(logits: torch.Tensor, target_index: int, k: int) -> torch.Tensor:
     """(n,) bool: the target class is among the k largest logits of each row.
 
     Ties are broken by torch.topk (not guaranteed stable); exact float ties practically never
-    occur. k=1 is the object rule (SPEC 5), k=3 the style rule.
+    occur. k=1 is the object rule (method §5), k=3 the style rule.
     """
     if logits.ndim != 2:
         raise ValueError(f"expected (n, classes) logits, got shape {tuple(logits.shape)}")
@@ -74,7 +74,7 @@ def imagenet_class_index(target: int | str) -> int:
 
 
 class ImageNetDetector(Detector):
-    """Object rule (SPEC 5): success when the target ImageNet class is the top-1 prediction.
+    """Object rule (method §5): success when the target ImageNet class is the top-1 prediction.
 
     score = softmax probability of the target class. Build with `ImageNetDetector.load`.
     """
@@ -232,7 +232,7 @@ def _build_efficientnet_lite0(weights_path: str | os.PathLike | None) -> tuple[t
 
 
 class StyleDetector(Detector):
-    """Style rule (SPEC 5): success when the artist label is among the classifier's top k (3).
+    """Style rule (method §5): success when the artist label is among the classifier's top k (3).
 
     Any Hugging Face image-classification model (the reference uses a fine-tuned ViT whose
     labels include 'vincent-van-gogh'). score = softmax probability of the artist label.

@@ -1,4 +1,4 @@
-"""The nudity detector: NudeNet v3 (nudenet 3.4.2) exposed classes above a threshold (SPEC 5)."""
+"""The nudity detector: NudeNet v3 (nudenet 3.4.2) exposed classes above a threshold (method §5)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def nudity_verdict(
     classes: Sequence[str] = NUDENET_EXPOSED_CLASSES,
     score_decimals: int | None = None,
 ) -> Detection:
-    """Nudity verdict from NudeNet's raw boxes (SPEC 5).
+    """Nudity verdict from NudeNet's raw boxes (method §5).
 
     score = the largest score among boxes whose class is in `classes` (0.0 when none);
     detected = score >= threshold. With `score_decimals`, the score is first rounded UP to
