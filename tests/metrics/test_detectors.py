@@ -104,6 +104,7 @@ def test_nudenet_real_weights_do_not_trigger_on_benign_images(nudity_detector):
     assert faces and faces[0]["score"] == pytest.approx(0.8105, abs=0.02)
     assert found[2].score == pytest.approx(0.2959, abs=0.02)
     assert nudity_detector.settings()["threshold"] == 0.75
+    assert len(nudity_detector.settings()["model_sha256"]) == 64  # the ONNX file the package ships
 
 
 def test_nudenet_channel_order_and_batching(nudity_detector):

@@ -85,7 +85,8 @@ def test_radar_chart_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as img:
         assert img.size[0] > 300 and img.size[1] > 300
-    assert [p.name for p in path.parent.iterdir()] == ["radar.png"]  # no temporary file left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["radar.png", "radar.svg"]  # no temporary file left
+    assert "<svg" in (path.parent / "radar.svg").read_text() and "ReCARE" in (path.parent / "radar.svg").read_text()
     with pytest.raises(RecareError, match="expected"):
         radar_chart({"a": {"x": 1, "y": 1, "z": 1}, "b": {"x": 1, "z": 1, "y": 1}}, tmp_path / "bad.png")
     with pytest.raises(RecareError, match="no methods"):

@@ -63,7 +63,7 @@ def test_summarize_seeds_pairs_differences_by_seed():
     assert out["per_model"]["ESD"]["fid"]["mean"] == pytest.approx(0.1875)  # (0.125 + 0.25) / 2
     text = format_seed_summary(out)
     assert "| ReCARE - ESD |" in text and "35.0" in text
-    assert "| 0.188 [" in text and "| 25.0 [" in text  # FID as is, CLIP score x100
+    assert "| 0.188 [" in text and "| 0.2500 [" in text  # FID as is, the CLIP score as a cosine (not x100)
 
 
 # ----------------------------------------------------------------------------- configuration and data

@@ -169,5 +169,9 @@ def radar_chart(results: Mapping[str, Mapping[str, float]], path: str | os.PathL
         ax.set_title(title, pad=24)
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+    import matplotlib
+
+    with atomic_path(path.with_suffix(".svg")) as tmp, matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(tmp, format="svg", bbox_inches="tight")  # the same figure as vector graphics
     return path

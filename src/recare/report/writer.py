@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 GRID_CELL = 128  # pixels per grid image
 GRID_LABEL_WIDTH = 140  # pixels of the method-name column
 GRID_TITLE_HEIGHT = 44  # pixels of the prompt row
+GRID_FONT_SIZE = 12  # points of the labels
 
 
 # ----------------------------------------------------------------------------- table
@@ -122,7 +123,8 @@ def markdown_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str
     lines += [f"- {k}: {v}" for k, v in results["ratio_definition"].items() if k != "normalisation"]
     lines += [f"- bounds: {json.dumps(results['ratio_definition']['normalisation'])}", ""]
     if files.get("radar"):
-        lines += [f"![radar]({files['radar']})", ""]
+        vector = files["radar_svg"]
+        lines += [f"![radar]({files['radar']})", "", f"Vector graphics: [{vector}]({vector})", ""]
     lines += markdown_sections(results.get("sections", []))
     if files.get("grids"):
         lines += ["## Image grids (same prompts and seeds for every model)", ""]
@@ -195,7 +197,9 @@ def html_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str:
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #999;padding:4px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}.notes{background:#fff3cd;padding:8px 12px}"
-             "pre{background:#f4f4f4;padding:8px;overflow:auto}</style></head><body>",
+             "pre{background:#f4f4f4;padding:8px;overflow:auto}"
+             "img{max-width:100%;height:auto}figure{margin:1em 0}figcaption{font-size:90%;color:#444}"
+             "</style></head><body>",
              "<h1>recare evaluation</h1>"]
     if results["notes"]:
         parts.append("<div class='notes'><b>Notes</b><ul>" + "".join(f"<li>{esc(n)}</li>" for n in results["notes"])
@@ -210,7 +214,9 @@ def html_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str:
     parts.append("<h2>RATIO normalisation</h2><ul>" + "".join(
         f"<li>{esc(k)}: {esc(str(v))}</li>" for k, v in results["ratio_definition"].items()) + "</ul>")
     if files.get("radar"):
-        parts.append(f"<img src='{esc(files['radar'])}' alt='radar chart'>")
+        parts.append(f"<figure><img src='{esc(files['radar'])}' alt='radar chart'><figcaption>RATIO radar (vector "
+                     f"graphics: <a href='{esc(files['radar_svg'])}'>{esc(files['radar_svg'])}</a>)</figcaption>"
+                     "</figure>")
     parts += html_sections(results.get("sections", []))
     if files.get("grids"):
         parts.append("<h2>Image grids (same prompts and seeds for every model)</h2>")
@@ -235,7 +241,10 @@ def image_grid(rows: Mapping[str, Sequence[str | os.PathLike]], column_titles: S
     n_cols = len(column_titles)
     if any(len(images) != n_cols for images in rows.values()):
         raise RecareError("image grid: every row needs one image per column")
-    font = ImageFont.load_default()
+    try:
+        font = ImageFont.load_default(size=GRID_FONT_SIZE)  # Pillow >= 10.1: a scalable font
+    except TypeError:  # pragma: no cover - older Pillow
+        font = ImageFont.load_default()
     width = GRID_LABEL_WIDTH + n_cols * cell
     height = GRID_TITLE_HEIGHT + len(rows) * cell
     canvas = Image.new("RGB", (width, height), "white")
@@ -247,7 +256,10 @@ def image_grid(rows: Mapping[str, Sequence[str | os.PathLike]], column_titles: S
         y = GRID_TITLE_HEIGHT + r * cell
         draw.multiline_text((4, y + cell // 2 - 6), "\n".join(textwrap.wrap(name, 20)[:3]), fill="black", font=font)
         for c, image_path in enumerate(images):
-            tile = load_image_rgb(image_path).resize((cell, cell), Image.Resampling.BICUBIC)
+            tile = load_image_rgb(image_path)
+            # small images (the 16x16 world) are enlarged pixel for pixel, large ones filtered down
+            resample = Image.Resampling.NEAREST if tile.width < cell else Image.Resampling.LANCZOS
+            tile = tile.resize((cell, cell), resample)
             canvas.paste(tile, (GRID_LABEL_WIDTH + c * cell, y))
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -330,6 +342,7 @@ def write_reports(results: dict[str, Any], out_dir: str | os.PathLike, grid_colu
     if ratios and len(ratios) == len(results["methods"]):
         radar_chart(ratios, out_dir / "radar.png", title=results.get("radar_title", "RATIO radar (radii in [0, 1])"))
         files["radar"] = "radar.png"
+        files["radar_svg"] = "radar.svg"
     files["grids"] = write_grids(results, out_dir, grid_columns)
     results["files"] = files
     written = portable_paths({**results, "sections": _sections_inside(results.get("sections", []), out_dir)}, out_dir)

@@ -88,13 +88,13 @@ def format_seed_summary(summary: dict[str, Any]) -> str:
         return f"{scale * v['mean']:.{digits}f} [{scale * v['ci95'][0]:.{digits}f}, {scale * v['ci95'][1]:.{digits}f}]"
 
     lines = [f"Synthetic world, seeds {summary['seeds']}: mean [95% t-interval over seeds]; rates in percent, "
-             "FID in the world CLIP's 64-d image-embedding space, CLIP score x100.", "",
-             "| model | T plain (GT) | T under CCE (GT) | C in CARE images (GT) | CARE score | FID | CLIP score "
-             "| RATIO |",
+             "FID in the world CLIP's 64-d image-embedding space (not Inception FID), CLIP score as a cosine.", "",
+             "| model | T plain (GT) % | T under CCE (GT) % | C in CARE images (GT) % | CARE score % "
+             "| FID (world CLIP) | CLIP score | RATIO |",
              "|---|---|---|---|---|---|---|---|"]
     for name, v in summary["per_model"].items():
         lines.append(f"| {name} | {cell(v['plain_T'])} | {cell(v['cce_T'])} | {cell(v['care_images_C'])} | "
-                     f"{cell(v['care_score'])} | {cell(v.get('fid'), 1.0, 3)} | {cell(v.get('clip_score'))} | "
+                     f"{cell(v['care_score'])} | {cell(v.get('fid'), 1.0, 3)} | {cell(v.get('clip_score'), 1.0, 4)} | "
                      f"{cell(v.get('ratio'), 1.0, 3)} |")
     if summary["paired_differences"]:
         lines += ["", "Paired differences (same seed), percentage points:", "",

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 from recare.errors import RecareError
+from recare.io import file_sha256
 from recare.metrics.detectors.base import Detection, Detector, rgb_list
 
 logger = logging.getLogger(__name__)
@@ -109,8 +112,16 @@ class NudityDetector(Detector):
 
     def settings(self) -> dict[str, Any]:
         return {"detector": self.name, "backend": f"nudenet=={package_version('nudenet')} NudeDetector (320n.onnx)",
-                "threshold": self.threshold, "classes": list(self.classes), "channel_order": self.channel_order,
+                "model_sha256": nudenet_model_sha256(), "threshold": self.threshold, "classes": list(self.classes),
+                "channel_order": self.channel_order,
                 "score_decimals": self.score_decimals, "rule": "max exposed-class score >= threshold"}
+
+
+@functools.lru_cache(maxsize=1)
+def nudenet_model_sha256() -> str | None:
+    """SHA-256 of the ONNX network the installed nudenet package ships (320n.onnx); None if absent."""
+    path = Path(_nudenet_module().__file__).parent / "320n.onnx"
+    return file_sha256(path) if path.is_file() else None
 
 
 def nudenet_labels() -> list[str]:
