@@ -125,3 +125,25 @@ def test_real_benchmark_files():
     assert (nudity[0].seed, nudity[0].guidance, nudity[0].case_id) == (932309623, 7.0, "21")
     coco = read_prompt_file(SHARED_DATA / "coco_30k.csv", limit=3)
     assert [(j.seed, j.guidance, j.case_id) for j in coco[:2]] == [(41337, None, "0"), (63155, None, "1")]
+
+
+def test_shipped_prompt_sets_by_name():
+    from recare.generate.prompts import SHIPPED_PROMPT_SETS, prompt_file_path, read_prompt_file
+
+    jobs = read_prompt_file("nudity")
+    assert len(jobs) == 142 and jobs[0].seed == 932309623 and jobs[0].guidance == 7.0  # the benchmark's own seeds
+    assert len(read_prompt_file("tench")) == 50 and len(read_prompt_file("coco_30k", limit=5)) == 5
+    assert all(prompt_file_path(name).is_file() for name in SHIPPED_PROMPT_SETS)
+    assert (prompt_file_path("nudity").parent / "SOURCES.md").is_file()  # attribution beside the copies
+    with pytest.raises(RecareError, match=r"shipped prompt sets are \['coco_30k', 'i2p', 'nudity'"):
+        read_prompt_file("nudityy")
+
+
+def test_shipped_configs_by_name():
+    from recare.pipeline import RunSpec
+    from recare.train.config import read_toml
+
+    spec = RunSpec.from_tables(read_toml("nudity"))
+    assert spec.reference_word == "nudity"
+    with pytest.raises(RecareError, match=r"shipped configs are \['nudity', 'tench', 'vangogh'\]"):
+        read_toml("nudityy")

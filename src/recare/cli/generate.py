@@ -25,7 +25,8 @@ def _add_generate(sub) -> None:
     add_model_args(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt, e.g. 'A photo of a nude person'")
-    source.add_argument("--prompts", type=Path, help="prompt file: .txt (one per line) or .csv with a prompt column")
+    source.add_argument("--prompts", type=Path, help="prompt file (.txt, one per line, or .csv with a prompt column) "
+                                                     "or a shipped set: nudity, vangogh, tench, coco_30k, i2p")
     p.add_argument("--num-images", type=at_least(1), default=500, help="images (per prompt with --prompts)")
     p.add_argument("--seed", type=int, default=42, help="image i gets seed SEED+i (CSV evaluation_seed wins)")
     p.add_argument("--limit", type=at_least(1), default=None, help="only the first LIMIT prompts of --prompts")

@@ -148,7 +148,7 @@ class EvalConfig:
     dtype: str = option("auto", choices=WEIGHT_DTYPES)  # weights dtype; auto = fp16 on CUDA, fp32 elsewhere
     base_name: str = "base"  # report name of the base model's row
     attacks: tuple[str, ...] = ("plain", "cce", "unlearndiffatk")  # robustness attacks, in radar order
-    prompts: str | None = None  # benchmark prompt file (CSV with evaluation_seed ...) for plain / UnlearnDiffAtk
+    prompts: str | None = None  # benchmark prompt file or shipped set (nudity, vangogh, tench, i2p) for plain / UDA
     prompt_limit: int | None = None  # only the first N benchmark prompts
     detector: DetectorSpec = DetectorSpec()  # concept detector of the attacks
     cce: CceConfig = CceConfig()  # CCE settings (inversion = method §3b)
@@ -156,7 +156,7 @@ class EvalConfig:
     training_images: str | None = None  # the training images, checked to share no file with cce_images
     cce_replace_word: str | None = None  # also run CCE on the benchmark prompts with this word replaced
     uda: UnlearnDiffAtkConfig = UnlearnDiffAtkConfig()  # UnlearnDiffAtk settings
-    coco_prompts: str | None = None  # COCO prompt CSV (coco_30k.csv) for CLIP score and FID
+    coco_prompts: str | None = None  # COCO prompt CSV, or the shipped set coco_30k, for CLIP score and FID
     coco_limit: int = 1000  # COCO prompts used (the paper: 30,000; FID < 2048 images is biased upwards)
     fid_reference: str | None = None  # folder of reference images or a .npz from recare.fid.save_statistics
     fid_method: str = option("sqrtm", choices=FID_METHODS)

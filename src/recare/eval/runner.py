@@ -50,7 +50,7 @@ from recare.eval.config import (
     validate_inputs,
 )
 from recare.generate.images import generate_images
-from recare.generate.prompts import PromptJob
+from recare.generate.prompts import PromptJob, prompt_file_path
 from recare.generate.sharding import ShardedGenerator, ShardInfo, barrier
 from recare.io import load_image_rgb
 from recare.metrics.care_score import evaluate_care_score
@@ -395,7 +395,9 @@ def input_digests(config: EvalConfig) -> dict[str, Any]:
     paths = {"prompts": config.prompts, "coco_prompts": config.coco_prompts, "care_prompts": config.care_prompts,
              "cce_images": config.cce_images, "training_images": config.training_images,
              "fid_reference": config.fid_reference}
-    return {name: input_digest(path) for name, path in paths.items() if path is not None}
+    files = {"prompts", "coco_prompts", "care_prompts"}
+    return {name: input_digest(prompt_file_path(path) if name in files else path)
+            for name, path in paths.items() if path is not None}
 
 
 def _detector_settings(detector: DetectorArg | None) -> dict[str, Any] | None:

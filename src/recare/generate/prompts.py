@@ -70,6 +70,26 @@ def jobs_for_prompts(prompts: Sequence[str], num_images_per_prompt: int = 1, see
     return jobs
 
 
+SHIPPED_PROMPT_SETS = {"nudity": "nudity.csv", "vangogh": "vangogh.csv", "tench": "tench.csv",
+                       "coco_30k": "coco_30k.csv", "i2p": "i2p.csv"}
+"""The field's prompt sets shipped in recare/data/prompts (MIT; sources in its SOURCES.md), by name."""
+
+
+def prompt_file_path(value: str | os.PathLike) -> Path:
+    """A prompt file: an existing path, or the name of a shipped prompt set (SHIPPED_PROMPT_SETS)."""
+    from importlib import resources
+
+    path = Path(value)
+    if path.exists():
+        return path
+    name = str(value)
+    if name in SHIPPED_PROMPT_SETS:
+        return Path(str(resources.files("recare").joinpath("data", "prompts", SHIPPED_PROMPT_SETS[name])))
+    if not path.suffix:
+        raise RecareError(f"prompt file {name!r} not found; the shipped prompt sets are {sorted(SHIPPED_PROMPT_SETS)}")
+    return path
+
+
 def read_prompt_file(path: str | os.PathLike, num_images_per_prompt: int = 1, seed: int = DEFAULT_SEED,
                      prompt_column: str = "prompt", seed_column: str = "evaluation_seed",
                      limit: int | None = None) -> list[PromptJob]:
@@ -81,7 +101,7 @@ def read_prompt_file(path: str | os.PathLike, num_images_per_prompt: int = 1, se
     non-integer seed / non-numeric guidance.
     """
     _check_count(num_images_per_prompt, "num_images_per_prompt")
-    path = Path(path)
+    path = prompt_file_path(path)
     if limit is not None and limit < 1:
         raise RecareError(f"limit must be a positive number of prompts, got {limit}")
     if path.suffix.lower() == ".csv":
@@ -94,7 +114,7 @@ def read_prompt_file(path: str | os.PathLike, num_images_per_prompt: int = 1, se
 
 def read_prompts(path: str | os.PathLike, prompt_column: str = "prompt", limit: int | None = None) -> list[str]:
     """Just the prompt texts of a .txt or .csv prompt file (same rules as read_prompt_file)."""
-    path = Path(path)
+    path = prompt_file_path(path)
     if path.suffix.lower() == ".csv":
         return _read_csv(path, prompt_column, None, limit)[0]
     lines = [line.strip() for line in _read_text(path).splitlines()]

@@ -236,13 +236,29 @@ def config_from_toml(path: str | Path, overrides: Mapping[str, Any] | None = Non
     return config_from_tables(read_toml(path), overrides)
 
 
+def config_file_path(value: str | Path) -> Path:
+    """A TOML config: an existing path, or the name of a shipped one ("nudity" -> recare/configs/nudity.toml)."""
+    from importlib import resources
+
+    path = Path(value)
+    if path.exists():
+        return path
+    shipped = Path(str(resources.files("recare").joinpath("configs")))
+    names = sorted(p.stem for p in shipped.glob("*.toml"))
+    if str(value) in names:
+        return shipped / f"{value}.toml"
+    if not path.suffix:
+        raise RecareError(f"config {str(value)!r} not found; the shipped configs are {names}")
+    return path
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a TOML file (tomllib on Python >= 3.11, else tomli); RecareError names the problem."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
-    path = Path(path)
+    path = config_file_path(path)
     if not path.is_file():
         raise RecareError(f"config file not found: {path}")
     try:
