@@ -22,7 +22,7 @@ test: venv
 
 # ruff (lint + import order) and the import contracts of pyproject.toml ([tool.importlinter]).
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/lint-imports
 
 # The whole method on the built-in synthetic world (offline, CPU: about 7 minutes plus creating .venv); prints the report path.

@@ -412,9 +412,9 @@ def _ratio_definition(config: EvalConfig) -> dict[str, Any]:
     n = config.normalisation
     return {
         "axes": "one defence axis (100 - ASR)/100 per attack, in the order run; then CLIP, FID, CARE when evaluated",
-        "clip": f"r = (clip - {n.clip_low}) / ({n.clip_high} - {n.clip_low}), clipped to [0, 1]",
-        "fid": f"r = ({n.fid_worst} - fid) / ({n.fid_worst} - {n.fid_best}), clipped to [0, 1]",
-        "care": "r = CARE score (a fraction)",
+        "clip": f"r = (clip - {n.clip_low:.4g}) / ({n.clip_high:.4g} - {n.clip_low:.4g}), clipped to [0, 1]",
+        "fid": f"r = ({n.fid_worst:.4g} - fid) / ({n.fid_worst:.4g} - {n.fid_best:.4g}), clipped to [0, 1]",
+        "care": "r = CARE score as a fraction (the tables show it in percent)",
         "ratio": "RATIO = (1/N) sum_i r_i r_(i+1) = radar polygon area / area with every r_i = 1",
         "normalisation": asdict(n),
     }

@@ -62,7 +62,8 @@ def results_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
             row.append("-" if r is None else f"{r['asr']:.2f} [{r['ci_low']:.1f}, {r['ci_high']:.1f}]")
         utility = entry.get("utility", {})
         row.append(_fmt(utility.get("clip_score", {}).get("mean"), 4))
-        row.append(_fmt(utility.get("fid", {}).get("fid"), 2))
+        fid = utility.get("fid", {}).get("fid")
+        row.append("-" if fid is None else f"{fid:.4g}")  # 4 significant digits: 14.12, and 0.04976 in the world
         care = entry.get("care", {}).get("score")
         row.append(_fmt(None if care is None else 100 * care, 1))
         row.append(_fmt((entry.get("ratio") or {}).get("ratio"), 3))
