@@ -181,3 +181,16 @@ def test_demo_refuses_a_folder_with_other_settings(demo_run, tmp_path):
     (tmp_path / "something.txt").write_text("x")
     with pytest.raises(RecareError, match="not empty"):
         run_demo(tmp_path, DemoConfig.quick(), progress=False)
+
+
+def test_paper_scale_config():
+    from recare.cli import build_parser
+
+    paper = DemoConfig.paper_scale(seed=2)
+    assert (paper.seed, paper.erase_iterations, paper.stage2_iterations, paper.paper_iterations) == (2, 200, 200, 200)
+    assert paper.inversion_steps == DemoConfig().inversion_steps  # everything else as the default demo
+    # no learning-rate scaling: the paper's rates (ESD 5e-5; stage 1 0.5e-5; stage 2 2e-5)
+    assert train_config("esd", paper).effective_erase_lr == pytest.approx(5e-5)
+    recare = train_config("recare", paper)
+    assert recare.effective_erase_lr == pytest.approx(0.5e-5) and recare.stage2_lr == pytest.approx(2e-5)
+    assert build_parser().parse_args(["demo", "--paper-scale"]).paper_scale

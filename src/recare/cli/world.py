@@ -51,7 +51,11 @@ def _add_demo(sub) -> None:
                    help="output folder (an interrupted run in it resumes)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one run per seed (out/seed-<s>); with several, summary.md has mean and 95%% intervals")
-    p.add_argument("--quick", action="store_true", help="a shortened demo (the end-to-end test's sizes)")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--quick", action="store_true", help="a shortened demo (the end-to-end test's sizes)")
+    scale.add_argument("--paper-scale", action="store_true",
+                       help="the paper's iterations and learning rates (200 erase iterations per round, 200 of "
+                            "stage 2, no learning-rate scaling); about 20 minutes per seed on 2 cores")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(run=_run_demo, outputs=(("out", "folder"),))
@@ -64,7 +68,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = DemoConfig.quick() if args.quick else DemoConfig()
+    config = DemoConfig.quick() if args.quick else DemoConfig.paper_scale() if args.paper_scale else DemoConfig()
     if len(args.seeds) == 1:
         from dataclasses import replace
 

@@ -135,6 +135,12 @@ class DemoConfig:
                    inversion_steps=10, ddim_steps=10, attack_images_per_prompt=4, cce_inversion_steps=10,
                    cce_attack_images=8, care_images_per_prompt=1, utility_prompts=16)
 
+    @classmethod
+    def paper_scale(cls, seed: int = 0) -> "DemoConfig":
+        """The paper's iteration counts and learning rates (200 erase iterations per round, 200 of
+        stage 2, no learning-rate scaling); everything else as the default demo."""
+        return cls(seed=seed, erase_iterations=200, stage2_iterations=200, paper_iterations=200)
+
     def seeds(self) -> dict[str, int]:
         """Image seed bases of this run (disjoint ranges, all derived from `seed`)."""
         base = 100_000 * self.seed
