@@ -187,3 +187,19 @@ n_clusters = 3
     assert run["status"] == "complete" and run["identity"]["images"] == [f"{i:05d}.png" for i in range(4)]
     # a second call reuses images and CARE-set and finds the finished run
     assert main(["run", str(config), "--out", str(root), "--device", "cpu", "--resume"]) == 0
+
+
+def test_bf16_paths_run_through_the_cli_on_the_cpu(inputs, tiny_sd_dir, tmp_path):
+    """The precision a GPU uses, as an explicit choice on the CPU: bf16 autocast training (every
+    phase of ReCARE) and bf16 weights for generation."""
+    out = tmp_path / "bf16"
+    assert main(_train_args(inputs, tiny_sd_dir, "recare", out, "--mixed-precision", "bf16",
+                            "--inversion-mixed-precision", "bf16")) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["identity"]["config"]["mixed_precision"] == "bf16"
+    assert run["identity"]["config"]["inversion"]["mixed_precision"] == "bf16"
+    images = tmp_path / "images"
+    assert main(["generate", "--model", str(tiny_sd_dir), "--prompt", "a cat", "--num-images", "2", "--steps", "2",
+                 "--dtype", "bf16", "--device", "cpu", "--out", str(images)]) == 0
+    manifest = json.loads((images / "manifest.json").read_text())
+    assert manifest["model"]["dtype"] == "bfloat16" and len(list(images.glob("*.png"))) == 2

@@ -3,7 +3,8 @@
 - Weights ('auto'): fp16 on CUDA (the reference's generation dtype), fp32 elsewhere. Training
   always loads fp32 master weights.
 - Autocast (`mixed_precision`): 'no' = none; 'auto' = bf16 on CUDA (fp16 where the card has no
-  bf16 and the caller scales its gradients), none on the CPU; 'bf16'/'fp16' explicitly (CUDA).
+  bf16 and the caller scales its gradients), none on the CPU; 'bf16' explicitly on CUDA or the CPU
+  (torch's CPU autocast: the code path a GPU takes, testable without one); 'fp16' on CUDA only.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def autocast_dtype(mode: str, device: torch.device, fp16_ok: bool = False) -> to
         raise RecareError(f"unknown mixed_precision {mode!r}; choose one of {list(MIXED_PRECISION_MODES)}")
     if mode == "no" or (mode == "auto" and device.type != "cuda"):
         return None
+    if mode == "bf16" and device.type == "cpu":
+        return torch.bfloat16
     if device.type != "cuda":
-        raise RecareError(f"mixed_precision={mode!r} needs a CUDA device, got {device}")
+        raise RecareError(f"mixed_precision={mode!r} needs a CUDA device (bf16 also runs on the CPU), got {device}")
     if mode == "fp16" and not fp16_ok:
         raise RecareError("mixed_precision='fp16' is not offered here (no gradient scaling); use 'bf16' or 'no'")
     if mode == "auto":

@@ -73,7 +73,8 @@ def card_text(run: Mapping[str, Any], base_model: str, careset_words: list[str] 
               note: str | None, version: str) -> str:
     """The model card's Markdown body."""
     config = run["identity"]["config"]
-    lines = [f"# {config['method']}: {config['concept']} erased from {base_model}", ""]
+    shown = Path(base_model).name if Path(base_model).is_absolute() else base_model  # no path of this machine
+    lines = [f"# {config['method']}: {config['concept']} erased from {shown}", ""]
     if note is not None:
         lines += [f"> **{note}**", ""]
     lines += [f"Concept erasure with recare {version} (\"Co-occurring Associated REtained concepts in Diffusion "

@@ -116,7 +116,7 @@ class TrainConfig:
     """Seed of the one torch.Generator (CPU) that draws every random number of the run."""
     mixed_precision: str = option("auto", choices=MIXED_PRECISION)
     """'auto' (bf16 autocast on CUDA, fp32 elsewhere; the reference trains in fp32), 'no' (fp32,
-    also for the inversions unless inversion.mixed_precision is set) or 'bf16' (CUDA only).
+    also for the inversions unless inversion.mixed_precision is set) or 'bf16' (CUDA, or the CPU's autocast).
     Master weights and optimizer states stay float32."""
     checkpoint_every: int = 100
     """Save the resumable training state every K erase/stage-2 steps (0: only between stages).

@@ -128,7 +128,7 @@ class InversionConfig:
     """AdamW epsilon (torch default)."""
     mixed_precision: str = option("auto", choices=MIXED_PRECISION_MODES)
     """'auto' (CUDA: bf16 where supported, else fp16; other devices: fp32), 'no', 'fp16', 'bf16'
-    (the last two need CUDA). The trained row stays float32 in every mode."""
+    (fp16 needs CUDA; bf16 also runs under the CPU's autocast). The trained row stays float32 in every mode."""
     encode_batch_size: int = 8
     """Images per VAE call when the latent cache is built."""
 
