@@ -312,18 +312,26 @@ def run_unlearndiffatk(attacked: SDComponents, original: SDComponents, jobs: Seq
         else:
             records.append(AttackRecord(job.prompt, job.prompt, (job.seed,), (str(plain_paths[i]),), (plain_det[i],),
                                         job.case_id, {"attacked": False, "reason": "plain prompt already detected"}))
-    settings = {"unlearndiffatk": asdict(config), "generation": generation_settings(generation),
-                "model": model_block(attacked, model_info),
-                "original_model": model_block(original, original_model_info),
-                "prompts_attacked": len(todo), "prompts_detected_without_attack": len(jobs) - len(todo),
-                "procedure": config.procedure,
-                "generated_from": ("the argmax tokens of the last searched block, decoded and prepended to the prompt"
-                                   if config.procedure == "authors" else
-                                   "the nearest-vocabulary projection of the optimised prefix embeddings, decoded "
-                                   "and prepended to the prompt") + " (details: prefix_ids, prefix_text, "
-                                                                    "retokenizes_exactly)",
-                "image_dir": str(out_dir)}
+    settings = _settings(config, generation, attacked, original, model_info, original_model_info, len(todo),
+                         len(jobs) - len(todo), out_dir)
     return AttackResult("unlearndiffatk", tuple(records), detector_settings(detector), settings)
+
+
+def _settings(config: UnlearnDiffAtkConfig, generation: GenerationConfig, attacked: SDComponents,
+              original: SDComponents, model_info: dict[str, Any] | None, original_model_info: dict[str, Any] | None,
+              attacked_count: int, detected_count: int, out_dir: Path) -> dict[str, Any]:
+    """The settings block of an UnlearnDiffAtk result (procedure, models, counts, what was generated)."""
+    return {"unlearndiffatk": asdict(config), "generation": generation_settings(generation),
+            "model": model_block(attacked, model_info),
+            "original_model": model_block(original, original_model_info),
+            "prompts_attacked": attacked_count, "prompts_detected_without_attack": detected_count,
+            "procedure": config.procedure,
+            "generated_from": ("the argmax tokens of the last searched block, decoded and prepended to the prompt"
+                               if config.procedure == "authors" else
+                               "the nearest-vocabulary projection of the optimised prefix embeddings, decoded "
+                               "and prepended to the prompt") + " (details: prefix_ids, prefix_text, "
+                                                                "retokenizes_exactly)",
+            "image_dir": str(out_dir)}
 
 
 def _judges(attacked: SDComponents, detector: DetectorArg, generation: GenerationConfig, device: torch.device,

@@ -148,17 +148,7 @@ def train(components: SDComponents, config: TrainConfig, out_dir: str | os.PathL
         trainer.adopt_stage1(stage1_from)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _write_record(trainer, "running")
-    try:
-        with graceful_stop():
-            complete = trainer.run(stop_after)
-            interrupted = stop_requested()
-        if complete:
-            _write_outputs(trainer)
-    except BaseException as err:  # a full disk, a bad loss, a second Ctrl-C: run.json must not say "running"
-        _record_failure(trainer, err)
-        raise
-    _write_record(trainer, "complete" if complete else "interrupted" if interrupted else "stopped")
+    complete, interrupted = _run_recorded(trainer, stop_after)
     if complete:
         remove_state(out_dir)
     remove_stale_temporaries(out_dir)
@@ -186,6 +176,23 @@ def _write_outputs(trainer: Trainer) -> None:
     if trainer.info.get("stage1_from"):
         title += f" (stage 1 reused from {Path(trainer.info['stage1_from']).name}: same recipe and seed)"
     plot_losses(trainer.out_dir / LOSSES_PNG, trainer.state.losses, title, svg_path=trainer.out_dir / LOSSES_SVG)
+
+
+def _run_recorded(trainer: Trainer, stop_after: int | None) -> tuple[bool, bool]:
+    """Run the trainer (SIGINT/SIGTERM stop it gracefully) and write the outputs; run.json says
+    "running", then "complete", "stopped", "interrupted" or "failed". Returns (complete, interrupted)."""
+    _write_record(trainer, "running")
+    try:
+        with graceful_stop():
+            complete = trainer.run(stop_after)
+            interrupted = stop_requested()
+        if complete:
+            _write_outputs(trainer)
+    except BaseException as err:  # a full disk, a bad loss, a second Ctrl-C: run.json must not say "running"
+        _record_failure(trainer, err)
+        raise
+    _write_record(trainer, "complete" if complete else "interrupted" if interrupted else "stopped")
+    return complete, interrupted
 
 
 def _record_failure(trainer: Trainer, err: BaseException) -> None:
