@@ -51,21 +51,24 @@ def git_commit() -> dict[str, Any] | None:
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     """Platform, CPU model and count, Python, torch threads and the CUDA devices."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(), "cuda_devices": gpus,
             "cuda_version": torch.version.cuda if gpus else None}
 

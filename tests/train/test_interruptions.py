@@ -13,11 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from recare.careset.artifact import CareSet
 from recare.cli import main
 from recare.io import is_temporary, output_lock
 
@@ -58,14 +55,11 @@ sys.exit(main(sys.argv[3:]))
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, images, careset):
+    """A folder with the conftest's target images (linked), CARE-set and the tiny config."""
     root = tmp_path_factory.mktemp("interrupt")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:05d}.png")
-    CareSet.from_words("nudity", ["person", "woman", "man"], concept_type="nudity").save(root / "careset.json")
+    (root / "images").symlink_to(images[0].parent, target_is_directory=True)
+    careset.save(root / "careset.json")
     (root / "tiny.toml").write_text(TINY)
     return root
 

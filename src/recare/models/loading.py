@@ -59,9 +59,14 @@ def resolve_source(source: str | os.PathLike, what: str = "model") -> str:
         if not path.is_dir():
             raise RecareError(f"{what} path {path} is a file; give a model folder or a Hub id")
         return str(path)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text or not _HUB_ID.match(text):
+    if not is_hub_id(text):
         raise RecareError(f"{what} path does not exist: {text}")
     return text
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether `text` has the form of a Hub repo id ("org/name" or "name"), not of a path."""
+    return not (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text) and bool(_HUB_ID.match(text))
 
 
 def _load_error(what: str, source: str, err: Exception) -> RecareError:

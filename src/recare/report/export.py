@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 from recare.errors import RecareError
 from recare.io import read_json, write_text_atomic
 from recare.models.checkpoints import TRAIN_RECORD, check_finished_run
-from recare.models.loading import MODEL_NOTE_FILE, SDComponents, read_model_note
+from recare.models.loading import MODEL_NOTE_FILE, SDComponents, is_hub_id, read_model_note
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def card_metadata(run: Mapping[str, Any], base_model: str, license_id: str, note
                 "pipeline_tag": "text-to-image", "tags": tags,
                 "recare": {"method": config["method"], "concept": config["concept"], "seed": config["seed"],
                            "learned_tokens": run.get("learned_tokens", [])}}
-    if not _is_hub_id(base_model):
+    if Path(base_model).exists() or not is_hub_id(base_model):
         metadata.pop("base_model")  # the Hub validates base_model as a repo id
     return metadata
 
@@ -113,10 +113,6 @@ def _evaluation_table(entry: Mapping[str, Any]) -> str:
     if entry.get("ratio"):
         rows.append(f"| RATIO | {entry['ratio']['ratio']:.3f} |")
     return "\n".join(rows)
-
-
-def _is_hub_id(source: str) -> bool:
-    return not Path(source).exists() and source.count("/") == 1
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, load_sd: Callable[..., SDComponents],
