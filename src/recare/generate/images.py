@@ -30,6 +30,7 @@ from recare.config import option
 from recare.errors import RecareError
 from recare.generate.prompts import PromptJob
 from recare.io import IMAGE_EXTENSIONS, json_ready, read_json, save_image_atomic, write_json_atomic
+from recare.models.acceleration import COMPILE_MODES, compiled, resolve_compile_mode
 from recare.models.loading import SDComponents, has_safety_checker
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class GenerationConfig:
     """"default" = the model's own scheduler (PNDM for SD v1.4), or "ddim" (eta 0)."""
     image_format: str = option("png", choices=IMAGE_FORMATS)
     """File extension of the images: "png" (lossless, default) or "jpg"."""
+    compile: str = option("auto", choices=COMPILE_MODES)
+    """torch.compile of the UNet while sampling: 'auto' ('reduce-overhead' on CUDA, off elsewhere), 'off', or a
+    torch.compile mode (recare.models.acceleration). Compiled kernels may differ from eager ones in the last bits."""
 
     def __post_init__(self):
         if self.num_inference_steps < 1:
@@ -64,6 +68,8 @@ class GenerationConfig:
             raise RecareError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.scheduler not in SCHEDULERS:
             raise RecareError(f"unknown scheduler {self.scheduler!r}; choose one of {SCHEDULERS}")
+        if self.compile not in COMPILE_MODES:
+            raise RecareError(f"unknown compile mode {self.compile!r}; choose one of {list(COMPILE_MODES)}")
         if self.image_format not in IMAGE_FORMATS:
             raise RecareError(f"unknown image format {self.image_format!r}; choose one of {IMAGE_FORMATS}")
         for side in (self.height, self.width):
@@ -118,8 +124,11 @@ def build_manifest(components: SDComponents, config: GenerationConfig, device: t
          "model": {"source", "revision", "dtype", **model_info},
          "settings": {"num_inference_steps", "guidance_scale", "height", "width", "scheduler",
                       "scheduler_class", "image_format", "generator_device", "safety_checker": false},
+         "execution": {"compile"},     # how the last invocation ran; not compared on resume
+
          "images": [{"file", "prompt", "seed", "guidance", "case_id"}, ...]}   # sorted by file
-    batch_size is not recorded: it does not change the images.
+    batch_size is not recorded: it does not change the images. The compile mode is recorded but not compared:
+    compiled kernels round differently from eager ones, so pixels may differ slightly between the two.
     """
     height, width = _image_size(components, config)
     model = {"source": components.source, "revision": components.revision,
@@ -130,7 +139,8 @@ def build_manifest(components: SDComponents, config: GenerationConfig, device: t
         "scheduler_class": type(make_scheduler(components, config.scheduler)).__name__,
         "image_format": config.image_format, "generator_device": device.type, "safety_checker": False,
     }
-    return _json_roundtrip({"format": MANIFEST_FORMAT, "model": model, "settings": settings})
+    execution = {"compile": resolve_compile_mode(config.compile, device) or "off"}
+    return _json_roundtrip({"format": MANIFEST_FORMAT, "model": model, "settings": settings, "execution": execution})
 
 
 def make_scheduler(components: SDComponents, name: str) -> Any:
@@ -235,7 +245,8 @@ def _run_jobs(components: SDComponents, pending: list[tuple[PromptJob, Path]], o
     height, width = manifest["settings"]["height"], manifest["settings"]["width"]
     last_save = time.monotonic()
     try:
-        with tqdm(total=total, initial=total - len(pending), desc="images", unit="img") as bar:
+        with compiled(components.unet, resolve_compile_mode(config.compile, device)), \
+                tqdm(total=total, initial=total - len(pending), desc="images", unit="img") as bar:
             for batch in _batches(pending, config):
                 jobs = [job for job, _ in batch]
                 generators = [torch.Generator(device).manual_seed(job.seed) for job in jobs]

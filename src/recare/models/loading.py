@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from recare.errors import RecareError
+from recare.models.preprocess import DEVICE_TYPES, TensorImageProcessor, log_once, tensor_processor_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -270,14 +271,42 @@ class ImageTextModel:
     its longest sequence gives the same features as 77-token padding (`short_padding`).
     SigLIP pools the last position and was trained with max-length padding, so it always pads
     to the maximum length.
+
+    Images are preprocessed with torch ops on the model's device (`preprocess="tensor"`, see
+    recare.models.preprocess; equal to the processor's pixel values within its stated tolerance),
+    or by the processor itself (`preprocess="processor"`), which the tensor path falls back to
+    for settings or inputs it does not reproduce.
     """
 
-    def __init__(self, model: Any, processor: Any, source: str = "<in-memory>", revision: str | None = None):
+    PREPROCESS_MODES = ("tensor", "processor")
+
+    def __init__(self, model: Any, processor: Any, source: str = "<in-memory>", revision: str | None = None,
+                 preprocess: str = "tensor"):
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
         self.source = source
         self.revision = revision
+        self.preprocess = preprocess
         self._fingerprint: str | None = None
+        self._tensor_processor: tuple[Any, TensorImageProcessor | None] | None = None
+
+    @property
+    def preprocess(self) -> str:
+        """'tensor' (torch ops on the model's device) or 'processor' (the transformers processor)."""
+        return self._preprocess
+
+    @preprocess.setter
+    def preprocess(self, mode: str) -> None:
+        if mode not in self.PREPROCESS_MODES:
+            raise ValueError(f"unknown preprocess {mode!r}; choose one of {self.PREPROCESS_MODES}")
+        self._preprocess = mode
+
+    @property
+    def tensor_processor(self) -> TensorImageProcessor | None:
+        """The tensor path for the current processor; None where it falls back to the processor."""
+        if self._tensor_processor is None or self._tensor_processor[0] is not self.processor:
+            self._tensor_processor = (self.processor, tensor_processor_or_none(self.processor))
+        return self._tensor_processor[1]
 
     @property
     def tokenizer(self) -> Any:
@@ -343,13 +372,25 @@ class ImageTextModel:
             return torch.zeros(0, getattr(self.model.config, "projection_dim", 0))
         return torch.cat(chunks)
 
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Float32 pixel values on the model's device, by the `preprocess` path."""
+        tensor_processor = self.tensor_processor if self.preprocess == "tensor" else None
+        if tensor_processor is not None:
+            if self.device.type not in DEVICE_TYPES:
+                log_once(f"image preprocessing falls back to the processor on {self.device.type} devices")
+            elif not all(isinstance(image, Image.Image) for image in images):
+                log_once("image preprocessing falls back to the processor for inputs that are not PIL images")
+            else:
+                return tensor_processor(images, self.device)
+        return self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
         """L2-normalised float32 image features, (n, d), on the CPU."""
         chunks = []
         for start in range(0, len(images), batch_size):
-            pixels = self.processor(images=list(images[start:start + batch_size]), return_tensors="pt")["pixel_values"]
-            feats = _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
+            pixels = self.pixel_values(list(images[start:start + batch_size]))
+            feats = _features(self.model.get_image_features(pixel_values=pixels.to(self.dtype))).float()
             chunks.append(torch.nn.functional.normalize(feats, dim=-1).cpu())
         return torch.cat(chunks)
 

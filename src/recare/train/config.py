@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from recare.careset.artifact import reference_key
 from recare.config import check_fields, deep_merge, from_dict, option
 from recare.errors import RecareError
+from recare.models.acceleration import COMPILE_MODES
 from recare.models.params import TRAIN_MODES
 from recare.train.inversion import InversionConfig
 from recare.train.methods import METHOD_NAMES as METHODS
@@ -118,6 +119,10 @@ class TrainConfig:
     """'auto' (bf16 autocast on CUDA, fp32 elsewhere; the reference trains in fp32), 'no' (fp32,
     also for the inversions unless inversion.mixed_precision is set) or 'bf16' (CUDA, or the CPU's autocast).
     Master weights and optimizer states stay float32."""
+    compile: str = option("auto", choices=COMPILE_MODES)
+    """torch.compile of the UNet calls of every loop (trajectory, teacher, student, inversion): 'auto'
+    ('reduce-overhead', i.e. inductor + CUDA graphs, on CUDA; off elsewhere), 'off', or a torch.compile mode
+    ('default', 'reduce-overhead', 'max-autotune', ...; also on the CPU). Static shapes: compiled once per run."""
     checkpoint_every: int = 100
     """Save the resumable training state every K erase/stage-2 steps (0: only between stages).
     A mid-stage state of full-size SD (noxattn) holds ~9.3 GB (parameters + AdamW moments)."""

@@ -139,10 +139,14 @@ def to_epsilon(model_output: torch.Tensor, sample: torch.Tensor, timesteps: int 
         return model_output
     if prediction_type != "v_prediction":
         raise ValueError(f"unknown prediction_type {prediction_type!r}; choose 'epsilon' or 'v_prediction'")
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=model_output.device, dtype=torch.float64)
-    t = torch.as_tensor(timesteps, device=model_output.device).long().reshape(-1)
-    if t.numel() and (t.min() < 0 or t.max() >= len(alphas_cumprod)):
-        raise ValueError(f"timesteps {t.tolist()} outside the training schedule [0, {len(alphas_cumprod) - 1}]")
+    # non_blocking: a host-to-device copy that does not wait for the GPU (the tables are small)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=model_output.device, dtype=torch.float64, non_blocking=True)
+    if not isinstance(timesteps, torch.Tensor) or timesteps.device.type == "cpu":  # no check that waits on a GPU
+        held = torch.as_tensor(timesteps).reshape(-1)
+        if held.numel() and (held.min() < 0 or held.max() >= len(alphas_cumprod)):
+            raise ValueError(f"timesteps {held.tolist()} outside the training schedule [0, {len(alphas_cumprod) - 1}]")
+    t = torch.as_tensor(timesteps)
+    t = t.to(model_output.device, non_blocking=True).long().reshape(-1)
     abar = alphas_cumprod[t].reshape(-1, *([1] * (model_output.dim() - 1)))  # (B or 1, 1, 1, 1)
     eps = abar.sqrt() * model_output.double() + (1 - abar).sqrt() * sample.double()
     return eps.to(model_output.dtype)

@@ -46,12 +46,15 @@ from recare.errors import RecareError
 from recare.interrupts import Interrupted, stop_requested
 from recare.io import load_image_rgb, write_json_atomic
 from recare.models import precision
+from recare.models.acceleration import mark_step, to_device
 from recare.models.checkpoints import save_learned_embeddings
 from recare.models.embeddings import INITIALIZER_MODES, add_placeholder_token, token_row_override
 from recare.models.loading import SDComponents
 from recare.models.precision import MIXED_PRECISION_MODES
 
 logger = logging.getLogger(__name__)
+
+LOSS_LOG_EVERY = 10  # inversion steps between host syncs (losses stay on the device in between)
 
 
 # Prompt templates in the manner of diffusers' textual-inversion example (written for recare).
@@ -263,16 +266,16 @@ class LatentCache:
 
     def sample(self, indices: torch.Tensor, flips: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents (b, c, h, w) of images `indices`, flipped where `flips` is True."""
-        which = flips.long().to(self.mean.device)
-        idx = indices.long().to(self.mean.device)
+        which = to_device(flips.long(), self.mean.device)
+        idx = to_device(indices.long(), self.mean.device)
         mean, std = self.mean[which, idx], self.std[which, idx]  # (b, c, h, w)
         noise = _randn(mean.shape, generator, mean.device)
         return (mean + std * noise) * self.scaling_factor
 
 
 def _randn(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Standard normal float32 noise drawn on the generator's device, then moved to `device`."""
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    """Standard normal float32 noise drawn on the generator's device, then moved to `device` (no host sync)."""
+    return to_device(torch.randn(shape, generator=generator, device=generator.device), device)
 
 
 def _image_order(n: int, generator: torch.Generator) -> Iterator[int]:
@@ -382,26 +385,49 @@ def _fit_row(row: torch.Tensor, unet: torch.nn.Module, text_encoder: Any, tokeni
              cache: LatentCache, prompts: Sequence[str], config: InversionConfig, timestep_range: tuple[int, int],
              generator: torch.Generator, device: torch.device, bar_name: str, progress: bool) -> list[float]:
     """AdamW on the token's embedding `row` for config.steps steps of the denoising loss; the losses."""
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel, step counter on the device
     optimizer = torch.optim.AdamW([row], lr=config.effective_learning_rate, betas=config.adam_betas,
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **fused)
     autocast_dtype = precision.autocast_dtype(config.mixed_precision, device, fp16_ok=True)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    losses: list[float] = []
+    losses = _LossLog()
     order = _image_order(len(cache), generator)
+    prompt_ids = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                           return_tensors="pt").input_ids.to(device)  # (templates, L), tokenized once
     bar = tqdm(range(config.steps), desc=bar_name, disable=not progress)
-    for _ in bar:
+    for step in bar:
         if stop_requested():
-            raise Interrupted(f"textual inversion stopped at step {len(losses)} by a signal")
-        latents, input_ids, timesteps, noise = _draw_batch(cache, order, prompts, tokenizer, config, timestep_range,
+            raise Interrupted(f"textual inversion stopped at step {step} by a signal")
+        mark_step()
+        latents, input_ids, timesteps, noise = _draw_batch(cache, order, prompt_ids, config, timestep_range,
                                                            generator, device)
         with precision.autocast_context(config.mixed_precision, device, fp16_ok=True):
             loss = denoising_loss(unet, text_encoder, noise_scheduler, latents, input_ids, timesteps, noise)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise RecareError(f"textual inversion loss is {losses[-1]} at step {len(losses)}")
+        losses.append(loss.detach())
         _optimizer_step(loss, optimizer, scaler)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-    return losses
+        if (step + 1) % LOSS_LOG_EVERY == 0 or step + 1 == config.steps:
+            bar.set_postfix(loss=f"{losses.flush():.4f}", refresh=False)
+    return losses.values
+
+
+class _LossLog:
+    """Step losses kept on the device and moved to the host every LOSS_LOG_EVERY steps (one sync), checked there."""
+
+    def __init__(self):
+        self.values: list[float] = []
+        self._pending: list[torch.Tensor] = []
+
+    def append(self, loss: torch.Tensor) -> None:
+        self._pending.append(loss)
+
+    def flush(self) -> float:
+        """Move the pending losses to the host; RecareError at the first that is not finite; the last value."""
+        for value in torch.stack(self._pending).float().cpu().tolist():
+            self.values.append(value)
+            if not math.isfinite(value):
+                raise RecareError(f"textual inversion loss is {value} at step {len(self.values)}")
+        self._pending = []
+        return self.values[-1]
 
 
 def _noise_schedule(components: SDComponents, config: InversionConfig) -> tuple[Any, tuple[int, int]]:
@@ -416,19 +442,19 @@ def _noise_schedule(components: SDComponents, config: InversionConfig) -> tuple[
     return noise_scheduler, (low, high)
 
 
-def _draw_batch(cache: LatentCache, order: Iterator[int], prompts: Sequence[str], tokenizer: Any,
+def _draw_batch(cache: LatentCache, order: Iterator[int], prompt_ids: torch.Tensor,
                 config: InversionConfig, timestep_range: tuple[int, int], generator: torch.Generator,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's (latents, input_ids, timesteps, noise), drawn from `generator` in a fixed order:
-    images, flips, prompts, latent samples, timesteps, noise."""
+    images, flips, prompts, latent samples, timesteps, noise. `prompt_ids`: every template's token ids
+    on the device (templates, L); draws are moved there without a host sync."""
     indices = torch.tensor([next(order) for _ in range(config.batch_size)])
     flips = torch.rand(config.batch_size, generator=generator, device=generator.device) < config.flip_p
-    chosen = torch.randint(len(prompts), (config.batch_size,), generator=generator, device=generator.device)
-    input_ids = tokenizer([prompts[i] for i in chosen.tolist()], padding="max_length", truncation=True,
-                          max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+    chosen = torch.randint(len(prompt_ids), (config.batch_size,), generator=generator, device=generator.device)
+    input_ids = torch.cat([prompt_ids[i:i + 1] for i in chosen.tolist()])  # (b, L): host indices, no sync
     latents = cache.sample(indices, flips, generator)
-    timesteps = torch.randint(*timestep_range, (config.batch_size,), generator=generator,
-                              device=generator.device).to(device)
+    timesteps = to_device(torch.randint(*timestep_range, (config.batch_size,), generator=generator,
+                                        device=generator.device), device)
     return latents, input_ids, timesteps, _randn(latents.shape, generator, device)
 
 

@@ -71,6 +71,10 @@ def check_inputs(components: SDComponents, config: TrainConfig, careset: CareSet
     """Bad input before anything is written: CARE-set vs concept, initializer, placeholders, and
     every target image decoded (a corrupt one would otherwise surface rounds into training)."""
     method = config.method_spec
+    if components.unet.dtype != torch.float32:
+        raise RecareError(f"training needs the UNet's float32 master weights, got {components.unet.dtype}: load the "
+                          "model in fp32 and set mixed_precision (bf16 autocast) for low-precision compute; saved "
+                          "weights are never cast behind your back")
     if method.needs_images:
         if not images:
             raise RecareError(f"{method.display_name} training needs target images for textual inversion")
@@ -229,6 +233,8 @@ def _write_record(trainer: Trainer, status: str, error: str | None = None) -> No
         "status": status, "identity": trainer.identity, "info": trainer.info,
         "seeds": {"seed": config.seed, "reseed_each_round": config.reseed_each_round},
         "versions": versions(), "environment": environment(), "device": str(trainer.device),
+        "execution": {"compile": config.compile, "compile_mode": trainer.compile_mode or "off",
+                      "mixed_precision": config.mixed_precision},
         "position": {"phase": state.phase, "step": state.step, "phases": [p.name for p in trainer.phases]},
         "timings_s": {**state.timings, "total": sum(state.timings.values())},
         "peak_memory": peak_memory(trainer.device), "learned_tokens": state.learned_tokens,

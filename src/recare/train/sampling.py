@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from recare.models.acceleration import to_device
 from recare.train.guidance import to_epsilon
 
 logger = logging.getLogger(__name__)
@@ -66,21 +67,61 @@ def sample_stop_index(generator: torch.Generator | None = None, low: int = 1, hi
 
 def initial_latents(unet: Any, ddim_scheduler: Any, batch_size: int,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fresh noise N(0, I) * init_noise_sigma of the UNet's latent shape, (B, C, H, W)."""
-    from diffusers.utils.torch_utils import randn_tensor
+    """Fresh noise N(0, I) * init_noise_sigma of the UNet's latent shape, (B, C, H, W).
 
+    Drawn on the generator's device (as diffusers' randn_tensor does) and moved to the UNet's
+    without a host synchronisation (recare.models.acceleration.to_device).
+    """
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     shape = (batch_size, unet.config.in_channels, height, width)
-    noise = randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype)
-    return noise * ddim_scheduler.init_noise_sigma
+    where = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn(shape, generator=generator, device=where, dtype=unet.dtype)
+    return to_device(noise, unet.device) * ddim_scheduler.init_noise_sigma
+
+
+class DDIMSchedule:
+    """The deterministic (eta 0) DDIM steps of a `num_steps` schedule, precomputed (Song et al. 2021, Eq. 12).
+
+    x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t);  x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps,
+    with the coefficients computed once, as 0-d float32 host tensors, by the same operations as
+    diffusers' DDIMScheduler.step (so the result is bit-identical to it on the CPU), and the
+    timesteps once on the device: a step reads no scheduler state and makes no host
+    synchronisation (diffusers' step indexes a host table with a device timestep and branches on
+    it). Schedulers that clip or threshold x0 are stepped by diffusers itself.
+    """
+
+    def __init__(self, ddim_scheduler: Any, num_steps: int, device: Any):
+        ddim_scheduler.set_timesteps(num_steps, device=device)
+        self.scheduler, self.num_steps = ddim_scheduler, num_steps
+        self.timesteps = ddim_scheduler.timesteps  # (num_steps,) on the device
+        self.stepper = _epsilon_stepper(ddim_scheduler, num_steps, device)
+        config = ddim_scheduler.config
+        self.exact = not (config.get("thresholding", False) or config.get("clip_sample", False))
+        alphas, final = ddim_scheduler.alphas_cumprod, ddim_scheduler.final_alpha_cumprod
+        stride = config.num_train_timesteps // num_steps
+        self.coefficients = []
+        for t in self.timesteps.cpu().tolist():
+            prev = t - stride
+            alpha, alpha_prev = alphas[t], alphas[prev] if prev >= 0 else final
+            std = 0.0 * ddim_scheduler._get_variance(t, prev) ** 0.5  # eta 0, as diffusers computes it
+            self.coefficients.append(((1 - alpha) ** 0.5, alpha ** 0.5, alpha_prev ** 0.5,
+                                      (1 - alpha_prev - std ** 2) ** 0.5))
+
+    def step(self, eps: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latent after DDIM step `index` (0-based) from `latents` with the epsilon prediction `eps`."""
+        if not self.exact:
+            return self.stepper.step(eps, self.timesteps[index], latents, eta=0.0).prev_sample
+        sqrt_beta, sqrt_alpha, sqrt_alpha_prev, direction = self.coefficients[index]
+        original = (latents - sqrt_beta * eps) / sqrt_alpha
+        return sqrt_alpha_prev * original + direction * eps
 
 
 @torch.no_grad()
 def sample_partial_trajectory(unet: Any, ddim_scheduler: Any, cond_emb: torch.Tensor, uncond_emb: torch.Tensor,
                               stop_index: int, guidance_scale: float = 3.0,
                               generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                              num_steps: int = 50) -> torch.Tensor:
+                              num_steps: int = 50, schedule: DDIMSchedule | None = None) -> torch.Tensor:
     """Run DDIM steps 0 .. stop_index - 1 with classifier-free guidance; return the latent.
 
     Each step makes ONE UNet call on the batch [uncond; cond] (only cond when guidance_scale
@@ -91,7 +132,7 @@ def sample_partial_trajectory(unet: Any, ddim_scheduler: Any, cond_emb: torch.Te
     Args:
         unet: the UNet that drives the trajectory (the current student in the reference).
         ddim_scheduler: a DDIMScheduler (make_ddim_scheduler); its timesteps are reset to
-            `num_steps` here.
+            `num_steps` here unless `schedule` is given.
         cond_emb: text embeddings of the prompts, (B, L, D).
         uncond_emb: embeddings of "", (1, L, D) or (B, L, D).
         stop_index: number of DDIM steps to run, 0 .. num_steps (0 returns the initial noise).
@@ -99,6 +140,7 @@ def sample_partial_trajectory(unet: Any, ddim_scheduler: Any, cond_emb: torch.Te
         generator: seeds the initial noise when `latents` is None.
         latents: optional initial noise, (B, C, H, W); drawn from `generator` otherwise.
         num_steps: length of the DDIM schedule (reference: 50).
+        schedule: the precomputed DDIMSchedule of `ddim_scheduler` (loops build it once).
 
     Returns:
         The latent z after `stop_index` steps, (B, C, H, W), which sits at timestep
@@ -108,8 +150,10 @@ def sample_partial_trajectory(unet: Any, ddim_scheduler: Any, cond_emb: torch.Te
     batch = cond_emb.shape[0]
     if uncond_emb.shape[0] not in (1, batch):
         raise ValueError(f"uncond_emb batch {uncond_emb.shape[0]} must be 1 or match cond_emb's {batch}")
-    ddim_scheduler.set_timesteps(num_steps, device=unet.device)
-    stepper = _epsilon_stepper(ddim_scheduler, num_steps, unet.device)
+    if schedule is None:
+        schedule = DDIMSchedule(ddim_scheduler, num_steps, unet.device)
+    elif schedule.num_steps != num_steps:
+        raise ValueError(f"schedule has {schedule.num_steps} steps, num_steps is {num_steps}")
     if latents is None:
         latents = initial_latents(unet, ddim_scheduler, batch, generator)
     elif latents.shape[0] != batch:
@@ -117,9 +161,9 @@ def sample_partial_trajectory(unet: Any, ddim_scheduler: Any, cond_emb: torch.Te
     embeddings = cond_emb
     if guidance_scale != 1:
         embeddings = torch.cat([uncond_emb.expand(batch, *uncond_emb.shape[1:]), cond_emb])  # (2B, L, D)
-    for t in ddim_scheduler.timesteps[:stop_index]:
-        eps = guided_epsilon(unet, ddim_scheduler, latents, t, embeddings, guidance_scale)
-        latents = stepper.step(eps, t, latents, eta=0.0).prev_sample
+    for index in range(stop_index):
+        eps = guided_epsilon(unet, ddim_scheduler, latents, schedule.timesteps[index], embeddings, guidance_scale)
+        latents = schedule.step(eps, index, latents)
     return latents
 
 

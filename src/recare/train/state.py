@@ -152,6 +152,12 @@ STAGE2_FIELDS = ("method", "stage2_iterations", "stage2_lr", "stage2_guidance", 
 """TrainConfig fields that stage 1 does not read (checkpoint_every changes no number: resumes are exact)."""
 
 
+EXECUTION_FIELDS = ("compile",)
+"""TrainConfig fields that say how a run executes, not what it computes: not part of its identity, so a run
+started compiled may be resumed eagerly (compiled kernels round differently: resumes are bit-identical only
+under the same setting)."""
+
+
 def run_identity(components: SDComponents, config: TrainConfig, careset: CareSet | None,
                  images: Sequence[str | os.PathLike], unet_weights: str | None = None) -> dict[str, Any]:
     """What makes two runs the same run: the config and the inputs (not paths of moved files)."""
@@ -159,7 +165,8 @@ def run_identity(components: SDComponents, config: TrainConfig, careset: CareSet
     if careset is not None and config.method_spec.needs_careset:
         blob = json.dumps([careset.reference_word, careset.anchors, careset.retain_prompts]).encode()
         careset_digest = hashlib.sha256(blob).hexdigest()
-    return {"config": config.to_dict(), "model": components.source, "revision": components.revision,
+    settings = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_FIELDS}
+    return {"config": settings, "model": components.source, "revision": components.revision,
             "unet_weights": unet_weights, "careset_sha256": careset_digest,
             "images": sorted(Path(p).name for p in images) if config.method_spec.needs_images else []}
 

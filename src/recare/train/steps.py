@@ -136,6 +136,11 @@ def stage1_loss(unet, teacher: Params, scheduler, z: torch.Tensor, t: torch.Tens
     return mse(student_epsilon(unet, scheduler, z, t, cond), target)
 
 
+def table_rows(table: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+    """table[indices] for host integers, as slices: no index tensor to copy to the device (no host sync)."""
+    return torch.cat([table[i:i + 1] for i in indices])
+
+
 @dataclass(frozen=True)
 class Stage2Rows:
     """Rows of the prompt-embedding table used by one stage-2 iteration."""
@@ -163,11 +168,12 @@ def stage2_loss(unet, teacher: Params, scheduler, z: torch.Tensor, t: torch.Tens
         (total, erase, retain or None) scalar tensors.
     """
     retain = [] if rows.retain is None else [rows.retain]
-    eps = teacher_epsilon(unet, teacher, scheduler, z, t, table[[rows.uncond, *rows.erase_set, rows.anchor, *retain]])
+    eps = teacher_epsilon(unet, teacher, scheduler, z, t, table_rows(table, [rows.uncond, *rows.erase_set, rows.anchor,
+                                                                          *retain]))
     n_erase = len(rows.erase_set)
     eps_erase, eps_anchor = eps[1:1 + n_erase], eps[1 + n_erase:2 + n_erase]
     target = recare_erase_target(list(eps_erase.split(1)), eps_anchor, eps[:1], config.stage2_guidance, config.eta)
-    pred = student_epsilon(unet, scheduler, z, t, table[[rows.concept, *retain]])
+    pred = student_epsilon(unet, scheduler, z, t, table_rows(table, [rows.concept, *retain]))
     if rows.retain is None:
         erase = mse(pred, target)
         return erase, erase, None

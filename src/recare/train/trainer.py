@@ -60,6 +60,7 @@ from recare.careset.artifact import CareSet
 from recare.errors import RecareError
 from recare.interrupts import Interrupted, stop_requested
 from recare.io import atomic_path, json_ready
+from recare.models.acceleration import compiled, mark_step, resolve_compile_mode
 from recare.models.checkpoints import (
     load_learned_embeddings,
 )
@@ -68,6 +69,7 @@ from recare.models.precision import autocast_context, autocast_dtype
 from recare.train.config import TrainConfig
 from recare.train.inversion import image_slices, train_textual_inversion
 from recare.train.sampling import (
+    DDIMSchedule,
     make_ddim_scheduler,
     sample_partial_trajectory,
     training_timestep,
@@ -91,6 +93,7 @@ from recare.train.steps import (
     draw_start,
     stage1_loss,
     stage2_loss,
+    table_rows,
     teacher_copy,
     trainable_parameters,
 )
@@ -149,6 +152,8 @@ class Trainer:
             name: p.detach().to("cpu", copy=True) for name, p in self.trainable.items()}
         self._original: Params | None = None
         self.ddim = make_ddim_scheduler(components.scheduler, config.ddim_steps)
+        self.schedule = DDIMSchedule(self.ddim, config.ddim_steps, device)  # precomputed once: no per-step setup
+        self.compile_mode = resolve_compile_mode(config.compile, device)
         self.timesteps = {i: torch.tensor(training_timestep(self.ddim, i, config.ddim_steps), device=device)
                           for i in range(config.stop_range[0], config.stop_range[1] + 1)}
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -279,6 +284,10 @@ class Trainer:
         """
         self.budget = budget
         self._clock = time.perf_counter()
+        with compiled(self.unet, self.compile_mode):
+            return self._run_phases()
+
+    def _run_phases(self) -> bool:
         try:
             while self.state.phase < len(self.phases):
                 phase = self.phases[self.state.phase]
@@ -347,10 +356,11 @@ class Trainer:
         optimizer = self._optimizer(config.effective_erase_optimizer, config.effective_erase_lr)
         stage = "esd" if phase.kind == "esd" else "erase"
         for step in self._steps(phase, optimizer, None if phase.round == 1 else teacher):
+            mark_step()
             stop, noise = draw_start(self.generator, self.unet, self.ddim, config)
             with autocast_context(config.mixed_precision, self.device):
                 z = sample_partial_trajectory(self.unet, self.ddim, emb[:1], emb[1:], stop, config.trajectory_guidance,
-                                              latents=noise, num_steps=config.ddim_steps)
+                                              latents=noise, num_steps=config.ddim_steps, schedule=self.schedule)
                 loss = stage1_loss(self.unet, teacher, self.ddim, z, self.timesteps[stop], emb[:1], emb[1:], config)
             self._update(optimizer, loss)
             self._pending.append((stage, phase.round, step + 1, loss.detach(), None, None))
@@ -412,10 +422,13 @@ class Trainer:
             retain_row = row[retain[sched["retain"][step]]] if retain else None
             rows = Stage2Rows(row[""], erase_rows, erase_rows[sched["erase"][step]],
                               row[anchors[sched["anchor"][step]]], retain_row)
+            mark_step()
             stop, noise = draw_start(self.generator, self.unet, self.ddim, config)
             with autocast_context(config.mixed_precision, self.device):
-                z = sample_partial_trajectory(self.unet, self.ddim, table[[rows.concept]], table[[rows.uncond]], stop,
-                                              config.trajectory_guidance, latents=noise, num_steps=config.ddim_steps)
+                z = sample_partial_trajectory(self.unet, self.ddim, table_rows(table, [rows.concept]),
+                                              table_rows(table, [rows.uncond]), stop,
+                                              config.trajectory_guidance, latents=noise, num_steps=config.ddim_steps,
+                                              schedule=self.schedule)
                 total, erase_loss, retain_loss = stage2_loss(self.unet, teacher, self.ddim, z,
                                                              self.timesteps[stop], table, rows, config)
             self._update(optimizer, total)
