@@ -13,11 +13,18 @@ uniform in [1, 48], mean 24.5 sampling steps). Printed next to the paper (H100: 
 
     python benchmarks/bench_train.py                 # full size, cuda if available
     python benchmarks/bench_train.py --tiny --device cpu
+    python benchmarks/bench_train.py --compile auto --json train-compiled.json
+
+--compile MODE sets TrainConfig.compile (where this version has that field) and compiles the UNet
+around the timed phases as Trainer.run does (the warm-up and the first inversion run include the
+compilation; the per-step costs are fitted from differences, so it drops out of them). The JSON holds
+the ratios to PERF.md's reference figures ("ratios") and the targets (<= 5 min, <= 16 GiB).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,6 +50,8 @@ from recare.train.trainer import Phase, Trainer
 PAPER = {"minutes": 28.33, "memory": "24 GB", "card": "H100"}
 PERF_REFERENCE = {"minutes": 29.9, "memory": "27.2 GiB", "card": "H200",
                   "erase_s_per_it": 1.36, "inversion_s_per_step": 0.149, "stage2_s_per_it": 1.80}
+TARGETS = {"minutes": 5.0, "peak_gib": 16.0}
+REFERENCE_PEAK_GIB = 27.2
 FULL_RUN = {"rounds": 2, "erase_iterations": 200, "inversion_steps": 3000, "stage2_iterations": 200,
             "mean_stop": 24.5}
 
@@ -110,9 +120,9 @@ def build_tiny(device: str) -> SDComponents:
     return build_tiny_sd(seed=0).to(device)
 
 
-def write_images(folder: Path, n: int, size: int) -> list[Path]:
+def write_images(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     paths = []
     for i in range(n):
         paths.append(folder / f"{i:05d}.png")
@@ -123,6 +133,25 @@ def write_images(folder: Path, n: int, size: int) -> list[Path]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def compile_fields(mode: str | None) -> dict:
+    """{"compile": mode} where TrainConfig has that field (None: leave the config's default)."""
+    if mode is None:
+        return {}
+    if "compile" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        raise SystemExit(f"--compile {mode}: TrainConfig has no 'compile' field in this version")
+    return {"compile": mode}
+
+
+def compile_context(trainer: Trainer) -> contextlib.AbstractContextManager:
+    """The UNet compiled as Trainer.run compiles it (run_phase alone runs eagerly); nothing when eager."""
+    mode = getattr(trainer, "compile_mode", None)
+    if mode is None:
+        return contextlib.nullcontext()
+    from recare.models.acceleration import compiled
+
+    return compiled(trainer.unet, mode)
 
 
 def time_phase(trainer: Trainer, phase: Phase, **config_changes) -> float:
@@ -152,19 +181,38 @@ def linear_fit(trainer: Trainer, kind: str, iterations: int, stops: tuple[int, i
 
 
 def benchmark(components: SDComponents, device: torch.device, iterations: int, inversion_steps: tuple[int, int],
-              stops: tuple[int, int], workdir: Path) -> dict:
+              stops: tuple[int, int], workdir: Path, compile_mode: str | None = None,
+              on_progress: Callable[[dict], None] | None = None) -> dict:
+    """The timed phases; `on_progress` gets the partial results after each stage (a timeout keeps them)."""
     image_size = components.image_size
     images = write_images(workdir / "images", 4, image_size)
     careset = CareSet.from_words("nudity", ["person", "woman", "man", "girl", "body", "skin"], "nudity")
-    config = TrainConfig(method="recare", checkpoint_every=0, inversion=InversionConfig(resolution=image_size))
+    config = TrainConfig(method="recare", checkpoint_every=0, inversion=InversionConfig(resolution=image_size),
+                         **compile_fields(compile_mode))
     identity = run_identity(components, config, careset, images)
     trainer = Trainer(components, config, workdir / "out", device, careset, images, identity, {}, progress=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    print("warm-up ...", flush=True)
-    time_phase(trainer, Phase("erase", 1, 2), stop_range=(1, 1))
+    compile_info = {"config": getattr(config, "compile", None),
+                    "resolved": getattr(trainer, "compile_mode", None) or "off"}
+    progress = (lambda part: on_progress({**part, "compile": compile_info, "partial": True})) if on_progress else None
+    with compile_context(trainer):
+        report = _timed_phases(trainer, config, iterations, inversion_steps, stops, progress)
+    report["compile"] = compile_info
+    return report
+
+
+def _timed_phases(trainer: Trainer, config: TrainConfig, iterations: int, inversion_steps: tuple[int, int],
+                  stops: tuple[int, int], progress: Callable[[dict], None] | None) -> dict:
+    device = trainer.device
+    start = time.perf_counter()
+    progress = progress or (lambda part: None)
+    warmup = 2 if getattr(trainer, "compile_mode", None) is None else 4  # compiled: compilation + graph recording
+    print(f"warm-up ({warmup} erase iterations) ...", flush=True)
+    time_phase(trainer, Phase("erase", 1, warmup), stop_range=(1, 1))
     print("stage-1 erase:", flush=True)
     erase = linear_fit(trainer, "erase", iterations, stops)
+    progress({"erase": erase, "peak_memory": peak_memory(device)})
     print("textual inversion:", flush=True)
     inv_times = []
     for round_index, steps in enumerate(inversion_steps, start=1):
@@ -173,7 +221,9 @@ def benchmark(components: SDComponents, device: torch.device, iterations: int, i
         print(f"  {steps} steps: {inv_times[-1]:.2f} s (incl. VAE encoding of the slice)", flush=True)
     inversion_step = (inv_times[1] - inv_times[0]) / (inversion_steps[1] - inversion_steps[0])
     print(f"  -> {inversion_step:.4f} s/step", flush=True)
-    print("stage 2:", flush=True)
+    progress({"erase": erase, "inversion_s_per_step": inversion_step, "peak_memory": peak_memory(device)})
+    print(f"stage 2 (after {warmup} warm-up iterations with the learned tokens):", flush=True)
+    time_phase(trainer, Phase("stage2", 0, warmup), stop_range=(1, 1))
     stage2 = linear_fit(trainer, "stage2", iterations, stops)
     full = {
         "erase_min": FULL_RUN["rounds"] * FULL_RUN["erase_iterations"] * erase["s_per_it_at_mean_stop"] / 60,
@@ -182,7 +232,26 @@ def benchmark(components: SDComponents, device: torch.device, iterations: int, i
     }
     full["total_min"] = sum(full.values())
     return {"erase": erase, "inversion_s_per_step": inversion_step, "stage2": stage2, "full_run": full,
-            "peak_memory": peak_memory(device)}
+            "peak_memory": peak_memory(device), "benchmark_wall_s": time.perf_counter() - start}
+
+
+def ratios(report: dict) -> dict:
+    """The measurement beside PERF.md's reference figures and the targets (> 1: recare is faster / smaller)."""
+    full, peak = report["full_run"], report["peak_memory"]["gib"]
+    out = {
+        "reference_minutes": PERF_REFERENCE["minutes"], "recare_minutes": full["total_min"],
+        "speedup_vs_reference": PERF_REFERENCE["minutes"] / full["total_min"],
+        "speedup_vs_paper": PAPER["minutes"] / full["total_min"],
+        "erase_speedup": PERF_REFERENCE["erase_s_per_it"] / report["erase"]["s_per_it_at_mean_stop"],
+        "inversion_speedup": PERF_REFERENCE["inversion_s_per_step"] / report["inversion_s_per_step"],
+        "stage2_speedup": PERF_REFERENCE["stage2_s_per_it"] / report["stage2"]["s_per_it_at_mean_stop"],
+        "peak_gib": peak, "peak_kind": report["peak_memory"]["kind"], "reference_peak_gib": REFERENCE_PEAK_GIB,
+        "peak_vs_reference": peak / REFERENCE_PEAK_GIB, "target_peak_gib": TARGETS["peak_gib"],
+        "peak_vs_target": peak / TARGETS["peak_gib"], "target_minutes": TARGETS["minutes"],
+        "meets_time_target": full["total_min"] <= TARGETS["minutes"],
+        "meets_memory_target": peak <= TARGETS["peak_gib"],
+    }
+    return out
 
 
 def end_to_end(components: SDComponents, device: torch.device, workdir: Path, steps: int) -> dict:
@@ -206,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stops", type=int, nargs=2, default=(1, 9), help="two fixed stop indices")
     parser.add_argument("--e2e-steps", type=int, default=5, help="steps per stage of the end-to-end run (--tiny)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--compile", default=None,
+                        help="TrainConfig.compile ('off', 'auto', a torch.compile mode); default: the config's")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -219,8 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name} on {card} (built in {built:.1f} s); torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        header = {"model": name, "device": card, "torch": torch.__version__}
+
+        def save_partial(part: dict) -> None:
+            if args.json:
+                args.json.write_text(json.dumps({**header, **part}, indent=2))
+
         report = benchmark(components, device, args.iterations, tuple(args.inversion_steps), tuple(args.stops),
-                           Path(tmp))
+                           Path(tmp), args.compile, save_partial)
         if args.tiny:
             report["end_to_end"] = end_to_end(build_tiny(args.device), device, Path(tmp), args.e2e_steps)
     full = report["full_run"]
@@ -243,12 +320,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{plan['adamw_states_fp32']:.2f} + teacher copy {plan['teacher_copy_bf16']:.2f} + text encoder/VAE "
           f"{plan['text_encoder_and_vae_fp32']:.2f} ({plan['trainable_parameters_M']:.1f}M trainable)")
     report["memory_plan_full_size_gib"] = plan
+    report["ratios"] = ratio = ratios(report)
+    print(f"  compile {report['compile']['resolved']}: {ratio['speedup_vs_reference']:.2f}x the reference code's "
+          f"speed ({ratio['reference_minutes']} / {ratio['recare_minutes']:.2f} min; erase "
+          f"{ratio['erase_speedup']:.2f}x, inversion {ratio['inversion_speedup']:.2f}x, stage 2 "
+          f"{ratio['stage2_speedup']:.2f}x); peak {ratio['peak_gib']:.2f} GiB = {ratio['peak_vs_reference']:.2f} x "
+          f"{REFERENCE_PEAK_GIB} GiB, {ratio['peak_vs_target']:.2f} x the {TARGETS['peak_gib']:.0f} GiB target; "
+          f"targets: time {'MET' if ratio['meets_time_target'] else 'NOT MET'}, memory "
+          f"{'MET' if ratio['meets_memory_target'] else 'NOT MET'}")
     if "end_to_end" in report:
         e2e = report["end_to_end"]
         print(f"  end-to-end train() with {e2e['steps_per_stage']} steps per stage: {e2e['wall_s']:.1f} s "
               f"{ {k: round(v, 2) for k, v in e2e['timings_s'].items()} }")
     if args.json:
-        args.json.write_text(json.dumps({"model": name, "device": card, **report}, indent=2))
+        args.json.write_text(json.dumps({"model": name, "device": card, "torch": torch.__version__, **report,
+                                         "partial": False}, indent=2))
     return 0
 
 
