@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from recare.errors import RecareError
@@ -50,6 +51,39 @@ def test_images_do_not_depend_on_batch_size(tiny_sd, tmp_path):
     # the seed matters: two seeds of one prompt give different images
     assert np.abs(pixels(one[0]) - pixels(one[1])).max() > 10
     assert Image.open(one[0]).size == (32, 32)
+
+
+def test_running_out_of_device_memory_halves_the_batch(tiny_sd, tmp_path, monkeypatch, caplog):
+    """A pipeline call of more than 2 images raises OutOfMemoryError (as a full card does): the batch is split,
+    the smaller size is kept for later batches, and the images are those of an unconstrained run."""
+    jobs = jobs_for_prompt("a photo of a person", 6)
+    config = GenerationConfig(num_inference_steps=2, batch_size=4)
+    free = generate_images(tiny_sd, jobs, tmp_path / "free", config)
+    sizes = []
+    make = tiny_sd.pipeline
+
+    def pipeline(scheduler=None):
+        pipe = make(scheduler=scheduler)
+
+        def call(**kwargs):
+            sizes.append(len(kwargs["prompt"]))
+            if len(kwargs["prompt"]) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return pipe(**kwargs)
+        return call
+    monkeypatch.setattr(tiny_sd, "pipeline", pipeline)
+    with caplog.at_level(logging.WARNING, logger="recare.generate.images"):
+        tight = generate_images(tiny_sd, jobs, tmp_path / "tight", config)
+    assert sizes == [4, 2, 2, 2]  # batch 1: 4 fails, then 2 + 2; batch 2 (2 jobs) starts at the lowered size
+    assert "out of device memory at 4 images per call; continuing with 2" in caplog.text
+    assert [p.name for p in tight] == [p.name for p in free]
+    for a, b in zip(free, tight):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 2
+    monkeypatch.setattr(tiny_sd, "pipeline", lambda scheduler=None: lambda **kw: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("simulated")))
+    with pytest.raises(torch.OutOfMemoryError):  # one image that does not fit: the error, not a loop
+        generate_images(tiny_sd, jobs_for_prompt("a dog", 1), tmp_path / "none", GenerationConfig(
+            num_inference_steps=2, batch_size=1))
 
 
 def test_resume_skips_existing_images_and_merges_manifest(tiny_sd, tmp_path, monkeypatch):

@@ -112,3 +112,12 @@ def test_has_safety_checker_reads_model_index(tmp_path, tiny_sd_dir, monkeypatch
     assert has_safety_checker(folder) is True
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert has_safety_checker("CompVis/stable-diffusion-v1-4") is True  # not cached: assume it has one
+
+
+def test_loaded_unet_attends_with_pytorch_sdpa(tiny_sd_dir):
+    """Every attention of a loaded UNet runs through torch's scaled_dot_product_attention (diffusers'
+    AttnProcessor2_0), the fused kernel on a GPU; nothing in recare swaps in a slower processor."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    processors = load_sd(tiny_sd_dir).unet.attn_processors
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())

@@ -50,7 +50,7 @@ class GenerationConfig:
 
     num_inference_steps: int = 50  # denoising steps
     guidance_scale: float = 7.5  # classifier-free guidance, for jobs without their own guidance
-    batch_size: int = 4  # images per pipeline call; does not change the images
+    batch_size: int = 4  # images per pipeline call (halved on running out of device memory); images do not change
     height: int | None = None  # pixels; None = the model's default (unet sample_size * VAE factor, 512 for SD v1.4)
     width: int | None = None  # pixels; None = the model's default
     scheduler: str = option("default", choices=SCHEDULERS)
@@ -247,12 +247,9 @@ def _run_jobs(components: SDComponents, pending: list[tuple[PromptJob, Path]], o
     try:
         with compiled(components.unet, resolve_compile_mode(config.compile, device)), \
                 tqdm(total=total, initial=total - len(pending), desc="images", unit="img") as bar:
+            fits = config.batch_size  # lowered when the device runs out of memory
             for batch in _batches(pending, config):
-                jobs = [job for job, _ in batch]
-                generators = [torch.Generator(device).manual_seed(job.seed) for job in jobs]
-                images = pipe(prompt=[job.prompt for job in jobs], generator=generators, height=height, width=width,
-                              num_inference_steps=config.num_inference_steps,
-                              guidance_scale=_guidance(jobs[0], config), output_type="pil").images
+                images, fits = _sample_fitting(pipe, [job for job, _ in batch], config, device, (height, width), fits)
                 for (job, path), image in zip(batch, images):
                     save_image_atomic(image, path)
                     manifest["images"][path.name] = _entry(job, path, config)
@@ -262,6 +259,32 @@ def _run_jobs(components: SDComponents, pending: list[tuple[PromptJob, Path]], o
                     last_save = time.monotonic()
     finally:
         _save_manifest(out_dir, manifest)
+
+
+def _sample_fitting(pipe, jobs: list[PromptJob], config: GenerationConfig, device: torch.device,
+                    size: tuple[int, int], fits: int) -> tuple[list, int]:
+    """The images of `jobs`, in pipeline calls of at most `fits` images; on running out of device memory the
+    calls are halved (down to one image) and the smaller size is returned for the next batches. Each image has its
+    own seeded generator, so splitting a batch does not change which image a job gets."""
+    images: list = []
+    start = 0
+    while start < len(jobs):
+        chunk = jobs[start:start + fits]
+        try:
+            generators = [torch.Generator(device).manual_seed(job.seed) for job in chunk]
+            images += pipe(prompt=[job.prompt for job in chunk], generator=generators, height=size[0], width=size[1],
+                           num_inference_steps=config.num_inference_steps,
+                           guidance_scale=_guidance(chunk[0], config), output_type="pil").images
+        except torch.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            fits = max(1, len(chunk) // 2)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning("out of device memory at %d images per call; continuing with %d", len(chunk), fits)
+            continue
+        start += len(chunk)
+    return images, fits
 
 
 def _save_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
