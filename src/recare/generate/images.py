@@ -275,7 +275,7 @@ def _sample_fitting(pipe, jobs: list[PromptJob], config: GenerationConfig, devic
             images += pipe(prompt=[job.prompt for job in chunk], generator=generators, height=size[0], width=size[1],
                            num_inference_steps=config.num_inference_steps,
                            guidance_scale=_guidance(chunk[0], config), output_type="pil").images
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since torch 2.5; the same class
             if len(chunk) == 1:
                 raise
             fits = max(1, len(chunk) // 2)
