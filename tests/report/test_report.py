@@ -237,6 +237,24 @@ def test_results_table_hand_made():
     assert rows[1] == ["X", "11.14 [5.6, 16.7]", "2.00 [1.0, 3.0]", "-", "-", "-", "-"]
 
 
+def test_grid_cells_show_several_seeds_of_each_prompt(tmp_path):
+    """images_by_prompt: the lowest seeds of each of the first prompts, prompts in file order, seed in the title."""
+    import json
+
+    from recare.report.writer import images_by_prompt
+
+    entries = [{"file": f"{p:05d}_{k:03d}.png", "prompt": f"prompt {p}", "seed": 42 + k}
+               for p in range(3) for k in (2, 0, 1)]  # listed out of seed order
+    (tmp_path / "manifest.json").write_text(json.dumps({"images": entries}))
+    cells = images_by_prompt(tmp_path, 4, 2)  # 4 columns: 2 prompts x 2 seeds
+    assert [title for title, _ in cells] == ["prompt 0 (seed 42)", "prompt 0 (seed 43)",
+                                             "prompt 1 (seed 42)", "prompt 1 (seed 43)"]
+    assert [p.name for _, p in cells] == ["00000_000.png", "00000_001.png", "00001_000.png", "00001_001.png"]
+    assert len(images_by_prompt(tmp_path, 9, 3)) == 9  # 3 prompts x 3 seeds
+    (tmp_path / "manifest.json").write_text(json.dumps({"images": entries[:4]}))  # prompt 1 has one image
+    assert [t for t, _ in images_by_prompt(tmp_path, 2, 2)] == ["prompt 0 (seed 42)", "prompt 1 (seed 44)"]
+
+
 def test_image_grid_layout(tmp_path):
     a = _images(tmp_path / "a", 2, seed=0)
     paths = sorted(a.iterdir())

@@ -28,6 +28,7 @@ GRID_CELL = 128  # pixels per grid image
 GRID_LABEL_WIDTH = 140  # pixels of the method-name column
 GRID_TITLE_HEIGHT = 44  # pixels of the prompt row
 GRID_FONT_SIZE = 12  # points of the labels
+GRID_SEEDS_PER_PROMPT = 2  # seeds of each prompt shown side by side in the image grids
 
 
 # ----------------------------------------------------------------------------- table
@@ -268,18 +269,21 @@ def image_grid(rows: Mapping[str, Sequence[str | os.PathLike]], column_titles: S
     return path
 
 
-def first_images_by_prompt(folder: str | os.PathLike, n: int) -> list[tuple[str, Path]]:
-    """(prompt, image path) of the first image (lowest seed) of the first n prompts of an image folder,
-    in file-name order, read from its manifest.json."""
+def images_by_prompt(folder: str | os.PathLike, columns: int, seeds_per_prompt: int = 1) -> list[tuple[str, Path]]:
+    """(title, image path) of at most `columns` images of an image folder: the lowest `seeds_per_prompt` seeds
+    (fewer where a prompt has fewer images) of each of its first prompts, prompts in file-name order, read from its
+    manifest.json; titles are "<prompt> (seed s)"."""
     folder = Path(folder)
     manifest = read_json(folder / "manifest.json", "image manifest")
-    chosen: dict[str, tuple[int, str]] = {}
+    by_prompt: dict[str, list[tuple[int, str]]] = {}
     for entry in manifest["images"]:
-        prompt = entry["prompt"]
-        if prompt not in chosen or entry["seed"] < chosen[prompt][0]:
-            chosen[prompt] = (entry["seed"], entry["file"])
-    ordered = sorted(chosen.items(), key=lambda kv: kv[1][1])[:n]
-    return [(prompt, folder / file) for prompt, (_, file) in ordered]
+        by_prompt.setdefault(entry["prompt"], []).append((int(entry["seed"]), entry["file"]))
+    if not by_prompt:
+        return []
+    seeds = max(1, min(seeds_per_prompt, columns, min(len(images) for images in by_prompt.values())))
+    ordered = sorted(by_prompt.items(), key=lambda kv: min(file for _, file in kv[1]))[:max(1, columns // seeds)]
+    return [(f"{prompt} (seed {seed})", folder / file)
+            for prompt, images in ordered for seed, file in sorted(images)[:seeds]]
 
 
 def _grid_sources(entry: Mapping[str, Any]) -> dict[str, Path]:
@@ -302,8 +306,9 @@ def _grid_sources(entry: Mapping[str, Any]) -> dict[str, Path]:
 def write_grids(results: Mapping[str, Any], out_dir: Path, columns: int) -> dict[str, str]:
     """One grid per image set shared by all methods; returns name -> path relative to out_dir.
 
-    The CCE grid shows the first `columns` seeds of the generic prompt (each model has its own
-    learned token, so the prompt text differs between rows).
+    Each grid has `columns` columns: GRID_SEEDS_PER_PROMPT seeds of each of the first prompts. The CCE grid shows
+    the first `columns` seeds of the generic prompt (each model has its own learned token, so the prompt text
+    differs between rows).
     """
     per_method = [(_grid_sources(e), e["name"]) for e in results["methods"]]
     names = [n for n in per_method[0][0] if all(n in s for s, _ in per_method)]
@@ -314,8 +319,8 @@ def write_grids(results: Mapping[str, Any], out_dir: Path, columns: int) -> dict
             if name == "CCE generic prompt":
                 paths = sorted(sources[name].glob("generic_*.png"))[:columns]
                 cells = [(f"seed {i}", p) for i, p in enumerate(paths)]
-            else:
-                cells = first_images_by_prompt(sources[name], columns)
+            else:  # GRID_SEEDS_PER_PROMPT seeds of each prompt side by side: one seed says little
+                cells = images_by_prompt(sources[name], columns, GRID_SEEDS_PER_PROMPT)
             titles = titles or [title for title, _ in cells]
             rows[method] = [p for _, p in cells]
         if not titles or any(len(r) != len(titles) for r in rows.values()):
