@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -39,6 +38,7 @@ from recare.careset.algorithm import top_k_candidates
 from recare.careset.build import build_careset, careset_from_features, check_reference_word, encode_image_inputs
 from recare.careset.config import CareSetConfig
 from recare.careset.vocab import VOCAB_MODES, encode_texts_by_length, encode_vocabulary, vocabulary_entries
+from recare.io import write_json_atomic
 from recare.models.tiny import build_clip_vit_b32, build_tiny_clip
 
 COLD_TARGET_S, WARM_TARGET_S = 180.0, 30.0  # on this project's 2-core CPU machine
@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label} <= {targets['warm_s']:.0f} s: {seconds:.1f} s -> "
               f"{'MET' if seconds <= targets['warm_s'] else 'NOT MET'}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json_atomic(args.json, report)
     return 0
 
 

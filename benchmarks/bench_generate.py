@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import statistics
 import sys
@@ -33,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from bench_train import build_sd14_random, build_tiny
+from bench_train import build_sd14_random, build_tiny, script_logging
+from recare.io import write_json_atomic
 
 logger = logging.getLogger("bench_generate")
 
@@ -131,9 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    for noisy in ("recare", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    script_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     from recare.generate.images import GenerationConfig
@@ -163,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2))
+            write_json_atomic(args.json, report)
 
     logger.info("%s on %s, %s, %d px, %d steps, batch %d, %d images x %d rounds per side", model, card, args.dtype,
                 args.resolution, args.steps, args.batch_size, args.images, args.rounds)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import torch
 from PIL import Image
 
 from recare.careset.artifact import CareSet
+from recare.io import write_json_atomic
 from recare.models.loading import SDComponents
 from recare.train.config import TrainConfig
 from recare.train.inversion import InversionConfig
@@ -118,6 +118,13 @@ def build_tiny(device: str) -> SDComponents:
     from recare.models.tiny import build_tiny_sd
 
     return build_tiny_sd(seed=0).to(device)
+
+
+def script_logging() -> None:
+    """INFO messages of the script itself on stdout; recare, diffusers and transformers only from WARNING."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    for noisy in ("recare", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def write_images(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
@@ -294,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def save_partial(part: dict) -> None:
             if args.json:
-                args.json.write_text(json.dumps({**header, **part}, indent=2))
+                write_json_atomic(args.json, {**header, **part})
 
         report = benchmark(components, device, args.iterations, tuple(args.inversion_steps), tuple(args.stops),
                            Path(tmp), args.compile, save_partial)
@@ -333,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  end-to-end train() with {e2e['steps_per_stage']} steps per stage: {e2e['wall_s']:.1f} s "
               f"{ {k: round(v, 2) for k, v in e2e['timings_s'].items()} }")
     if args.json:
-        args.json.write_text(json.dumps({"model": name, "device": card, "torch": torch.__version__, **report,
-                                         "partial": False}, indent=2))
+        write_json_atomic(args.json, {"model": name, "device": card, "torch": torch.__version__, **report,
+                                      "partial": False})
     return 0
 
 

@@ -56,7 +56,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench_train import build_sd14_random, build_tiny, memory_plan, write_images
+from bench_train import build_sd14_random, build_tiny, memory_plan, script_logging, write_images
+from recare.io import write_json_atomic
 
 logger = logging.getLogger("smoke_full_size")
 
@@ -543,9 +544,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    for noisy in ("recare", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    script_logging()
     if args.child:
         return child_main(args)
     from recare.provenance import cpu_model
@@ -578,9 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("traceback"):
             print(f"\n--- {r['phase']} ({PRECISIONS[r['precision']]}) ---\n{r['traceback']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"setup": setup, "rows": rows, "failed": len(failed),
-                                         "wall_s": round(time.perf_counter() - start, 1)}, indent=2))
+        write_json_atomic(args.json, {"setup": setup, "rows": rows, "failed": len(failed),
+                                      "wall_s": round(time.perf_counter() - start, 1)})
     return 1 if failed else 0
 
 

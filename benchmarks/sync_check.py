@@ -29,7 +29,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
 import sys
 import tempfile
@@ -41,7 +40,8 @@ from typing import Any, Iterator
 
 import torch
 
-from bench_train import build_sd14_random, build_tiny, write_images
+from bench_train import build_sd14_random, build_tiny, script_logging, write_images
+from recare.io import write_json_atomic
 
 logger = logging.getLogger("sync_check")
 
@@ -239,16 +239,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    for noisy in ("recare", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    script_logging()
     report = run_check(args)
     print(f"\nsync warnings per steady-state step (steps 2..{args.iterations}), {report['device']}: "
           + ", ".join(f"{k} {v}" for k, v in report["steady_state_syncs_per_step"].items())
           + ("" if report["cuda"] else "  (dry run: no CUDA)"))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json_atomic(args.json, report)
     return 0
 
 
