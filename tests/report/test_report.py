@@ -8,6 +8,7 @@ the matrix square root alone takes ~30 s on this machine). Numbers mean nothing 
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from recare.errors import RecareError
 from recare.eval.config import EvalConfig, MethodSpec, parse_method_arg, read_eval_spec
 from recare.eval.runner import model_scale_notes
 from recare.metrics.fid import InceptionFeatureExtractor
-from recare.report.writer import image_grid, results_table
+from recare.report.figures import CELL_IN, GAP_IN, LABEL_IN, PNG_DPI, GridColumn, image_grid, images_by_prompt
+from recare.report.writer import results_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,7 +133,11 @@ def test_eval_all_writes_every_report_with_all_axes(eval_all_out):
     html = (eval_all_out / "report.html").read_text()
     assert "tiny/random" in html and "<table>" in html
     grid = Image.open(eval_all_out / "grids" / "target_prompts.png")
-    assert grid.size == (140 + 2 * 128, 44 + 2 * 128)  # 2 methods x 2 prompts
+    assert grid.size[0] == round((LABEL_IN + 2 * (CELL_IN + GAP_IN)) * PNG_DPI)  # 2 columns
+    for name in ("radar", "grids/target_prompts", "grids/care_prompts", "grids/coco_prompts",
+                 "grids/cce_generic_prompt"):  # every figure also as vector graphics, linked from both reports
+        assert (eval_all_out / f"{name}.svg").is_file(), name
+        assert f"({name}.svg)" in md and f"href='{name}.svg'" in html, name
 
 
 def test_eval_all_reuses_cached_images_and_statistics(eval_all_out, inputs, tiny_sd_dir, tiny_clip_dir, monkeypatch):
@@ -238,32 +244,48 @@ def test_results_table_hand_made():
 
 
 def test_grid_cells_show_several_seeds_of_each_prompt(tmp_path):
-    """images_by_prompt: the lowest seeds of each of the first prompts, prompts in file order, seed in the title."""
-    import json
-
-    from recare.report.writer import images_by_prompt
-
+    """images_by_prompt: the lowest seeds of each of the first prompts, prompts in file order, seed in the label."""
     entries = [{"file": f"{p:05d}_{k:03d}.png", "prompt": f"prompt {p}", "seed": 42 + k}
                for p in range(3) for k in (2, 0, 1)]  # listed out of seed order
     (tmp_path / "manifest.json").write_text(json.dumps({"images": entries}))
     cells = images_by_prompt(tmp_path, 4, 2)  # 4 columns: 2 prompts x 2 seeds
-    assert [title for title, _ in cells] == ["prompt 0 (seed 42)", "prompt 0 (seed 43)",
-                                             "prompt 1 (seed 42)", "prompt 1 (seed 43)"]
+    assert [column for column, _ in cells] == [GridColumn("prompt 0", "seed 42"), GridColumn("prompt 0", "seed 43"),
+                                               GridColumn("prompt 1", "seed 42"), GridColumn("prompt 1", "seed 43")]
     assert [p.name for _, p in cells] == ["00000_000.png", "00000_001.png", "00001_000.png", "00001_001.png"]
     assert len(images_by_prompt(tmp_path, 9, 3)) == 9  # 3 prompts x 3 seeds
     (tmp_path / "manifest.json").write_text(json.dumps({"images": entries[:4]}))  # prompt 1 has one image
-    assert [t for t, _ in images_by_prompt(tmp_path, 2, 2)] == ["prompt 0 (seed 42)", "prompt 1 (seed 44)"]
+    assert [c for c, _ in images_by_prompt(tmp_path, 2, 2)] == [GridColumn("prompt 0", "seed 42"),
+                                                                 GridColumn("prompt 1", "seed 44")]
 
 
 def test_image_grid_layout(tmp_path):
     a = _images(tmp_path / "a", 2, seed=0)
     paths = sorted(a.iterdir())
-    grid = image_grid({"m1": paths, "m2": paths[::-1]}, ["first prompt", "second"], tmp_path / "g.png", cell=32)
-    with Image.open(grid) as img:
-        assert img.size == (140 + 2 * 32, 44 + 2 * 32)
-        assert np.asarray(img)[44:76, 140:172].std() > 0  # an image was pasted in row 1, column 1
+    columns = [GridColumn("dog", "seed 1"), GridColumn("dog", "seed 2")]
+    png, svg = image_grid({"m1": paths, "m2": paths[::-1]}, columns, tmp_path / "g.png", cell_in=0.5)
+    with Image.open(png) as img:
+        assert img.size[0] == round((LABEL_IN + 2 * (0.5 + GAP_IN)) * PNG_DPI)
+        assert np.asarray(img)[-10:, -30:].std() > 0  # an image was drawn in the last row and column
+    text = svg.read_text()
+    assert svg == tmp_path / "g.svg" and text.count("<image") == 4
+    assert text.count(">dog<") == 1 and "seed 2" in text and "m2" in text  # one heading per prompt
     with pytest.raises(RecareError, match="one image per column"):
         image_grid({"m1": paths[:1]}, ["a", "b"], tmp_path / "h.png")
+
+
+def test_small_images_are_enlarged_pixel_for_pixel(tmp_path):
+    """A 16x16 image of four flat quadrants stays four flat colours (nearest neighbour), with no blended
+    colour between them as a smoothing filter would make; the SVG asks the browser to keep pixels sharp."""
+    quadrants = np.zeros((16, 16, 3), dtype=np.uint8)
+    quadrants[:8, :8], quadrants[:8, 8:], quadrants[8:, :8], quadrants[8:, 8:] = (255, 0, 0), (0, 255, 0), \
+        (0, 0, 255), (255, 255, 0)
+    Image.fromarray(quadrants).save(tmp_path / "q.png")
+    png, svg = image_grid({"m": [tmp_path / "q.png"]}, ["p"], tmp_path / "g.png")
+    pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).astype(int)
+    grey = (pixels.max(1) - pixels.min(1)) < 8  # white background and the anti-aliased black text
+    pure = np.isin(pixels, [0, 255]).all(1)
+    assert pure[~grey].mean() > 0.999 and (~grey).sum() > (CELL_IN * PNG_DPI) ** 2 * 0.9
+    assert "pixelated" in svg.read_text()
 
 
 def test_model_scale_notes(tiny_sd):
@@ -276,12 +298,15 @@ def test_extra_sections_render_in_markdown_and_html():
 
     section = {"title": "Ground truth", "text": ["T = dotted."], "table": {"header": ["model", "C %"],
                                                                           "rows": [["ESD", "41.7"]]},
-               "images": [{"name": "losses", "path": "../train/esd/losses.png"}]}
+               "images": [{"name": "losses", "path": "figures/losses.png", "vector": "figures/losses.svg"}]}
     markdown = "\n".join(markdown_sections([section]))
     assert markdown == ("## Ground truth\n\nT = dotted.\n\n| model | C % |\n|---|---|\n| ESD | 41.7 |\n\n"
-                        "![losses](../train/esd/losses.png)\n")
+                        "![losses](figures/losses.png)\n\n"
+                        "*losses* Vector graphics: [figures/losses.svg](figures/losses.svg).\n")
     html = "".join(html_sections([section]))
-    assert "<h2>Ground truth</h2>" in html and "<td>41.7</td>" in html and "src='../train/esd/losses.png'" in html
+    assert "<h2>Ground truth</h2>" in html and "<td>41.7</td>" in html and "src='figures/losses.png'" in html
+    caption = html[html.index("<figcaption>"):html.index("</figure>")]  # the caption inside its figure
+    assert "losses" in caption and "href='figures/losses.svg'" in caption
 
 
 def test_results_and_reports_carry_provenance(eval_all_out):
@@ -318,13 +343,28 @@ def test_report_folder_is_self_contained_without_absolute_paths(eval_all_out):
     for name in ("report.md", "report.html", "results.json"):
         text = (eval_all_out / name).read_text()
         assert str(eval_all_out.parent) not in text and "/tmp/" not in text, name
+        assert "../../" not in text, name  # no relative path that climbs out of the run folder either
+    assert results["config"]["prompts"] == "<elsewhere>/bench.csv"  # named, and identified by its SHA-256
     md = (eval_all_out / "report.md").read_text()
     html = (eval_all_out / "report.html").read_text()
-    referenced = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md) + re.findall(r"src='([^']+)'", html)
-    assert referenced
+    referenced = (re.findall(r"!?\[[^\]]*\]\(([^)]+)\)", md) + re.findall(r"src='([^']+)'", html)
+                  + re.findall(r"href='([^']+)'", html))
+    assert any(ref.endswith(".svg") for ref in referenced)  # the vector copies are inside too
     for ref in referenced:
         target = (eval_all_out / ref).resolve()
         assert target.is_file() and eval_all_out.resolve() in target.parents, ref
+
+
+def test_portable_path(tmp_path):
+    import recare
+    from recare.report.writer import portable_path
+
+    root = tmp_path / "run" / "report"
+    assert portable_path(str(root / "grids" / "a.png"), root) == "grids/a.png"
+    assert portable_path(str(tmp_path / "run" / "cache" / "x"), root) == "../cache/x"
+    assert portable_path(str(tmp_path / "inputs" / "bench.csv"), root) == "<elsewhere>/bench.csv"
+    weights = Path(recare.__file__).parent / "world" / "weights" / "sd"
+    assert portable_path(str(weights), root) == "<recare>/world/weights/sd"
 
 
 def test_section_images_from_elsewhere_are_copied_into_the_report(tmp_path):
@@ -339,5 +379,6 @@ def test_section_images_from_elsewhere_are_copied_into_the_report(tmp_path):
     sections = _sections_inside([{"title": "t", "images": [{"name": "losses: ESD", "path": "../train/losses.png"}]}],
                                 report)
     assert sections[0]["images"][0]["path"] == "figures/losses-ESD.png"
+    assert sections[0]["images"][0]["vector"] == "figures/losses-ESD.svg"
     assert (report / "figures" / "losses-ESD.png").read_bytes() == b"png"
     assert (report / "figures" / "losses-ESD.svg").is_file()

@@ -164,7 +164,7 @@ def radar_chart(results: Mapping[str, Mapping[str, float]], path: str | os.PathL
     ax.set_xticks(angles)
     ax.set_xticklabels(axes)
     ax.set_ylim(0, 1)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=10)
     if title:
         ax.set_title(title, pad=24)
     path = Path(path)

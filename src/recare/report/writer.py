@@ -12,23 +12,15 @@ import json
 import logging
 import os
 import re
-import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from PIL import Image, ImageDraw, ImageFont
-
-from recare.errors import RecareError
-from recare.io import atomic_path, load_image_rgb, read_json, write_json_atomic, write_text_atomic
+from recare.io import atomic_path, write_json_atomic, write_text_atomic
 from recare.metrics.ratio import radar_chart
+from recare.report.compare import check_methods_comparable
+from recare.report.figures import write_grids
 
 logger = logging.getLogger(__name__)
-
-GRID_CELL = 128  # pixels per grid image
-GRID_LABEL_WIDTH = 140  # pixels of the method-name column
-GRID_TITLE_HEIGHT = 44  # pixels of the prompt row
-GRID_FONT_SIZE = 12  # points of the labels
-GRID_SEEDS_PER_PROMPT = 2  # seeds of each prompt shown side by side in the image grids
 
 
 # ----------------------------------------------------------------------------- table
@@ -123,14 +115,14 @@ def markdown_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str
         lines.append(f"- not evaluated: {item}")
     lines += ["", "## RATIO normalisation", ""]
     lines += [f"- {k}: {v}" for k, v in results["ratio_definition"].items() if k != "normalisation"]
-    lines += [f"- bounds: {json.dumps(results['ratio_definition']['normalisation'])}", ""]
+    lines += [f"- bounds: {ratio_bounds(results)}", ""]
     if files.get("radar"):
-        vector = files["radar_svg"]
-        lines += [f"![radar]({files['radar']})", "", f"Vector graphics: [{vector}]({vector})", ""]
+        lines += markdown_figure(files["radar"], RADAR_CAPTION, files.get("radar_svg"))
     lines += markdown_sections(results.get("sections", []))
     if files.get("grids"):
-        lines += ["## Image grids (same prompts and seeds for every model)", ""]
-        lines += [f"### {name}\n\n![{name}]({path})\n" for name, path in files["grids"].items()]
+        lines += ["## Image grids", ""]
+        for name, grid in files["grids"].items():
+            lines += [f"### {name}", ""] + markdown_figure(grid["png"], grid_caption(name), grid.get("svg"))
     lines += ["## Settings", "", "```json", json.dumps(_settings_summary(results), indent=2), "```", ""]
     provenance = provenance_lines(results)
     if provenance:
@@ -171,12 +163,61 @@ def markdown_sections(sections: Sequence[Mapping[str, Any]]) -> list[str]:
             lines += ["| " + " | ".join(table["header"]) + " |", "|" + "---|" * len(table["header"])]
             lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table["rows"]] + [""]
         for image in section.get("images", []):
-            lines += [f"![{image['name']}]({image['path']})", ""]
+            lines += markdown_figure(image["path"], image["name"], image.get("vector"))
     return lines
 
 
-def html_sections(sections: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The HTML form of markdown_sections."""
+def ratio_bounds(results: Mapping[str, Any]) -> str:
+    """The RATIO normalisation bounds for reading (4 significant digits; results.json keeps them exact)."""
+    bounds = results["ratio_definition"]["normalisation"]
+    return ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in bounds.items())
+
+
+RADAR_CAPTION = "RATIO radar: one polygon per model, radii in [0, 1] (normalisation above)."
+
+
+def grid_caption(name: str) -> str:
+    """The caption of the image grid `name`."""
+    if name == "CCE generic prompt":
+        return ("CCE generic prompt: one row per model, each with the token the attack learned against it; "
+                "the same seeds in every row.")
+    return f"{name}: one row per model, the same prompts and seeds in every row (several seeds per prompt)."
+
+
+def markdown_figure(path: str, caption: str, vector: str | None = None) -> list[str]:
+    """An image with its caption (and the link to its vector copy) right below it."""
+    link = f" Vector graphics: [{vector}]({vector})." if vector else ""
+    return [f"![{caption}]({path})", "", f"*{caption}*{link}", ""]
+
+
+def html_figure(path: str, caption: str, vector: str | None = None, width: int | None = None) -> str:
+    """<figure> with the image (at `width` CSS pixels, never wider than the page) and the caption (and vector
+    link) inside it; the image links to itself at full resolution."""
+    esc = html.escape
+    link = f" (vector graphics: <a href='{esc(vector)}'>{esc(vector)}</a>)" if vector else ""
+    size = f" style='width:{width}px'" if width else ""
+    return (f"<figure><a href='{esc(path)}'><img src='{esc(path)}' alt='{esc(caption)}'{size}></a>"
+            f"<figcaption>{esc(caption)}{link}</figcaption></figure>")
+
+
+def display_width(path: Path) -> int | None:
+    """CSS pixels of a PNG shown at its printed size (pixels x 96 / its dpi); None without a dpi or file.
+
+    matplotlib writes 150-dpi PNGs: shown pixel for pixel they would be 1.6 times their intended size (a
+    radar chart a screen high), so the report shows them at the size they were drawn for."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            dpi = image.info.get("dpi")
+            return round(image.width * 96 / float(dpi[0])) if dpi and float(dpi[0]) > 0 else None
+    except (OSError, UnidentifiedImageError):
+        return None
+
+
+def html_sections(sections: Sequence[Mapping[str, Any]], widths: Mapping[str, int | None] | None = None) -> list[str]:
+    """The HTML form of markdown_sections; widths: image path -> CSS pixels (display_width)."""
+    widths = widths or {}
     esc = html.escape
     parts: list[str] = []
     for section in sections:
@@ -187,13 +228,16 @@ def html_sections(sections: Sequence[Mapping[str, Any]]) -> list[str]:
             parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in table["header"]) + "</tr>")
             parts += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in table["rows"]]
             parts.append("</table>")
-        parts += [f"<figure><img src='{esc(i['path'])}' alt='{esc(i['name'])}'><figcaption>{esc(i['name'])}"
-                  "</figcaption></figure>" for i in section.get("images", [])]
+        parts += [html_figure(i["path"], i["name"], i.get("vector"), widths.get(i["path"]))
+                  for i in section.get("images", [])]
     return parts
 
 
-def html_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str:
+def html_report(results: Mapping[str, Any], files: Mapping[str, Any],
+                widths: Mapping[str, int | None] | None = None) -> str:
+    """report.html; widths: image path -> CSS pixels of each figure (display_width), else shown pixel for pixel."""
     esc = html.escape
+    widths = widths or {}
     header, rows = results_table(results)
     parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>recare evaluation</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
@@ -214,122 +258,22 @@ def html_report(results: Mapping[str, Any], files: Mapping[str, Any]) -> str:
     if missing:
         parts.append("<ul>" + "".join(f"<li>not evaluated: {esc(m)}</li>" for m in missing) + "</ul>")
     parts.append("<h2>RATIO normalisation</h2><ul>" + "".join(
-        f"<li>{esc(k)}: {esc(str(v))}</li>" for k, v in results["ratio_definition"].items()) + "</ul>")
+        f"<li>{esc(k)}: {esc(str(v))}</li>" for k, v in results["ratio_definition"].items() if k != "normalisation")
+        + f"<li>bounds: {esc(ratio_bounds(results))}</li></ul>")
     if files.get("radar"):
-        parts.append(f"<figure><img src='{esc(files['radar'])}' alt='radar chart'><figcaption>RATIO radar (vector "
-                     f"graphics: <a href='{esc(files['radar_svg'])}'>{esc(files['radar_svg'])}</a>)</figcaption>"
-                     "</figure>")
-    parts += html_sections(results.get("sections", []))
+        parts.append(html_figure(files["radar"], RADAR_CAPTION, files.get("radar_svg"), widths.get(files["radar"])))
+    parts += html_sections(results.get("sections", []), widths)
     if files.get("grids"):
-        parts.append("<h2>Image grids (same prompts and seeds for every model)</h2>")
-        parts += [f"<h3>{esc(name)}</h3><img src='{esc(path)}' alt='{esc(name)}'>"
-                  for name, path in files["grids"].items()]
+        parts.append("<h2>Image grids</h2>")
+        for name, grid in files["grids"].items():
+            parts += [f"<h3>{esc(name)}</h3>",
+                      html_figure(grid["png"], grid_caption(name), grid.get("svg"), widths.get(grid["png"]))]
     parts.append("<h2>Settings</h2><pre>" + esc(json.dumps(_settings_summary(results), indent=2)) + "</pre>")
     provenance = provenance_lines(results)
     if provenance:
         parts.append("<h2>Provenance</h2><ul>" + "".join(f"<li>{esc(line)}</li>" for line in provenance) + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------- grids
-
-
-def image_grid(rows: Mapping[str, Sequence[str | os.PathLike]], column_titles: Sequence[str],
-               path: str | os.PathLike, cell: int = GRID_CELL) -> Path:
-    """A PNG grid: one row per method (name on the left), one column per prompt (title on top)."""
-    if not rows:
-        raise RecareError("image grid: no rows")
-    n_cols = len(column_titles)
-    if any(len(images) != n_cols for images in rows.values()):
-        raise RecareError("image grid: every row needs one image per column")
-    try:
-        font = ImageFont.load_default(size=GRID_FONT_SIZE)  # Pillow >= 10.1: a scalable font
-    except TypeError:  # pragma: no cover - older Pillow
-        font = ImageFont.load_default()
-    width = GRID_LABEL_WIDTH + n_cols * cell
-    height = GRID_TITLE_HEIGHT + len(rows) * cell
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(column_titles):
-        text = "\n".join(textwrap.wrap(title, width=cell // 6)[:3])
-        draw.multiline_text((GRID_LABEL_WIDTH + c * cell + 2, 2), text, fill="black", font=font)
-    for r, (name, images) in enumerate(rows.items()):
-        y = GRID_TITLE_HEIGHT + r * cell
-        draw.multiline_text((4, y + cell // 2 - 6), "\n".join(textwrap.wrap(name, 20)[:3]), fill="black", font=font)
-        for c, image_path in enumerate(images):
-            tile = load_image_rgb(image_path)
-            # small images (the 16x16 world) are enlarged pixel for pixel, large ones filtered down
-            resample = Image.Resampling.NEAREST if tile.width < cell else Image.Resampling.LANCZOS
-            tile = tile.resize((cell, cell), resample)
-            canvas.paste(tile, (GRID_LABEL_WIDTH + c * cell, y))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
-    return path
-
-
-def images_by_prompt(folder: str | os.PathLike, columns: int, seeds_per_prompt: int = 1) -> list[tuple[str, Path]]:
-    """(title, image path) of at most `columns` images of an image folder: the lowest `seeds_per_prompt` seeds
-    (fewer where a prompt has fewer images) of each of its first prompts, prompts in file-name order, read from its
-    manifest.json; titles are "<prompt> (seed s)"."""
-    folder = Path(folder)
-    manifest = read_json(folder / "manifest.json", "image manifest")
-    by_prompt: dict[str, list[tuple[int, str]]] = {}
-    for entry in manifest["images"]:
-        by_prompt.setdefault(entry["prompt"], []).append((int(entry["seed"]), entry["file"]))
-    if not by_prompt:
-        return []
-    seeds = max(1, min(seeds_per_prompt, columns, min(len(images) for images in by_prompt.values())))
-    ordered = sorted(by_prompt.items(), key=lambda kv: min(file for _, file in kv[1]))[:max(1, columns // seeds)]
-    return [(f"{prompt} (seed {seed})", folder / file)
-            for prompt, images in ordered for seed, file in sorted(images)[:seeds]]
-
-
-def _grid_sources(entry: Mapping[str, Any]) -> dict[str, Path]:
-    """Grid name -> image folder of one method."""
-    sources = {}
-    robustness = entry.get("robustness", {})
-    if "plain" in robustness:
-        sources["target prompts"] = Path(robustness["plain"]["settings"]["image_dir"])
-    elif "unlearndiffatk" in robustness:
-        sources["target prompts"] = Path(robustness["unlearndiffatk"]["settings"]["image_dir"]) / "plain"
-    if "cce" in robustness:
-        sources["CCE generic prompt"] = Path(robustness["cce"]["settings"]["image_dir"])
-    if "care" in entry:
-        sources["CARE prompts"] = Path(entry["care"]["image_dir"])
-    if "utility" in entry:
-        sources["COCO prompts"] = Path(entry["utility"]["image_dir"])
-    return sources
-
-
-def write_grids(results: Mapping[str, Any], out_dir: Path, columns: int) -> dict[str, str]:
-    """One grid per image set shared by all methods; returns name -> path relative to out_dir.
-
-    Each grid has `columns` columns: GRID_SEEDS_PER_PROMPT seeds of each of the first prompts. The CCE grid shows
-    the first `columns` seeds of the generic prompt (each model has its own learned token, so the prompt text
-    differs between rows).
-    """
-    per_method = [(_grid_sources(e), e["name"]) for e in results["methods"]]
-    names = [n for n in per_method[0][0] if all(n in s for s, _ in per_method)]
-    grids = {}
-    for name in names:
-        rows, titles = {}, None
-        for sources, method in per_method:
-            if name == "CCE generic prompt":
-                paths = sorted(sources[name].glob("generic_*.png"))[:columns]
-                cells = [(f"seed {i}", p) for i, p in enumerate(paths)]
-            else:  # GRID_SEEDS_PER_PROMPT seeds of each prompt side by side: one seed says little
-                cells = images_by_prompt(sources[name], columns, GRID_SEEDS_PER_PROMPT)
-            titles = titles or [title for title, _ in cells]
-            rows[method] = [p for _, p in cells]
-        if not titles or any(len(r) != len(titles) for r in rows.values()):
-            logger.warning("grid %r skipped: the models do not have the same images", name)
-            continue
-        file = Path("grids") / f"{name.lower().replace(' ', '_')}.png"
-        image_grid(rows, titles, out_dir / file)
-        grids[name] = str(file)
-    return grids
 
 
 # ----------------------------------------------------------------------------- all files
@@ -342,6 +286,7 @@ def write_reports(results: dict[str, Any], out_dir: str | os.PathLike, grid_colu
     every path in the written files is relative to the folder (no absolute path of this machine).
     `results` itself keeps its paths (callers read images through them).
     """
+    check_methods_comparable(results)  # before anything is written
     out_dir = Path(out_dir)
     files: dict[str, Any] = {"results": "results.json", "markdown": "report.md", "html": "report.html"}
     ratios = {e["name"]: e["ratio"]["radii"] for e in results["methods"] if e.get("ratio")}
@@ -354,20 +299,39 @@ def write_reports(results: dict[str, Any], out_dir: str | os.PathLike, grid_colu
     written = portable_paths({**results, "sections": _sections_inside(results.get("sections", []), out_dir)}, out_dir)
     write_json_atomic(out_dir / "results.json", written)
     write_text_atomic(out_dir / "report.md", markdown_report(written, files))
-    write_text_atomic(out_dir / "report.html", html_report(written, files))
+    shown = [files.get("radar"), *(g["png"] for g in files["grids"].values()),
+             *(i["path"] for section in written.get("sections", []) for i in section.get("images", []))]
+    widths = {path: display_width(out_dir / path) for path in shown if path}
+    write_text_atomic(out_dir / "report.html", html_report(written, files, widths))
     logger.info("reports written to %s", out_dir)
     return files
 
 
 def portable_paths(obj: Any, root: Path) -> Any:
-    """`obj` with every absolute path string made relative to `root` (os.path.relpath)."""
+    """`obj` with every absolute path string replaced by portable_path."""
     if isinstance(obj, Mapping):
         return {key: portable_paths(value, root) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [portable_paths(item, root) for item in obj]
     if isinstance(obj, str) and os.path.isabs(obj) and "\n" not in obj and len(obj) < 4096:
-        return os.path.relpath(obj, root.resolve())
+        return portable_path(obj, root)
     return obj
+
+
+def portable_path(path: str, root: Path) -> str:
+    """An absolute path as the report may record it, without this machine's folders:
+    relative to `root` inside root's parent (the run folder: "images/x", "../cache/x"), "<recare>/..." inside
+    the recare package (the synthetic world's weights), else "<elsewhere>/<name>" (the input digests and
+    SHA-256s identify those files)."""
+    import recare
+
+    target, root = Path(path).resolve(), root.resolve()
+    package = Path(recare.__file__).resolve().parent
+    if target == root.parent or root.parent in target.parents:
+        return os.path.relpath(target, root)
+    if package in target.parents:
+        return f"<recare>/{target.relative_to(package).as_posix()}"
+    return f"<elsewhere>/{target.name}"
 
 
 def _sections_inside(sections: Sequence[Mapping[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
@@ -390,10 +354,11 @@ def _sections_inside(sections: Sequence[Mapping[str, Any]], out_dir: Path) -> li
                 (out_dir / "figures").mkdir(parents=True, exist_ok=True)
                 with atomic_path(out_dir / relative) as tmp:
                     shutil.copyfile(source, tmp)
-                for extra in (".svg",):  # a vector copy beside it, when there is one
-                    if source.with_suffix(extra).is_file():
-                        with atomic_path((out_dir / relative).with_suffix(extra)) as tmp:
-                            shutil.copyfile(source.with_suffix(extra), tmp)
-            images.append({**image, "path": str(relative) if relative is not None else image["path"]})
+                if source.with_suffix(".svg").is_file():  # its vector copy beside it
+                    with atomic_path((out_dir / relative).with_suffix(".svg")) as tmp:
+                        shutil.copyfile(source.with_suffix(".svg"), tmp)
+            path = str(relative) if relative is not None else image["path"]
+            vector = Path(path).with_suffix(".svg")
+            images.append({**image, "path": path, **({"vector": str(vector)} if (out_dir / vector).is_file() else {})})
         inside.append({**section, "images": images})
     return inside
