@@ -194,8 +194,7 @@ def evaluate_utility(components: SDComponents, method: MethodSpec, config: EvalC
         images = [load_image_rgb(p) for p in paths[start:start + 256]]
         per_image.append(clip_score(res.clip, images, [j.prompt for j in jobs[start:start + 256]]).per_image)
     scores = torch.cat(per_image)
-    out["clip_score"] = {"mean": float(scores.mean()), "n": len(scores),
-                         "clip_model": {"source": res.clip.source, "revision": res.clip.revision}}
+    out["clip_score"] = {"mean": float(scores.mean()), "n": len(scores), "clip_model": _clip_record(res.clip)}
     if res.fid_reference is not None:
         features = res.fid_extractor.features_of_files(paths)
         stats = FidStatistics.from_features(features, res.fid_extractor.extractor_id, str(folder))
@@ -214,7 +213,14 @@ def evaluate_care(components: SDComponents, method: MethodSpec, config: EvalConf
         res.generate(components, jobs, folder, config.care.generation_config(), res.device, method.model_info())
     report = evaluate_care_score(components, res.clip, res.inputs["care"], config.care_word, config.care,
                                  image_dir=folder, device=res.device, model_info=method.model_info())
-    return {**report.to_json(), "image_dir": str(folder)}
+    return {**report.to_json(), "clip_model": _clip_record(res.clip), "image_dir": str(folder)}
+
+
+def _clip_record(clip: Any) -> dict[str, Any]:
+    """Source, revision and weight fingerprint of the CLIP model (what makes CLIP and CARE scores comparable)."""
+    fingerprint = getattr(clip, "fingerprint", None)
+    return {"source": getattr(clip, "source", None), "revision": getattr(clip, "revision", None),
+            "fingerprint": fingerprint() if callable(fingerprint) else None}
 
 
 def ratio_of(entry: Mapping[str, Any], config: EvalConfig) -> dict[str, Any] | None:

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import torch
 
 from recare.errors import RecareError
-from recare.io import write_json_atomic, write_text_atomic
+from recare.io import read_json, write_json_atomic, write_text_atomic
+from recare.report.compare import check_seed_runs
 from recare.world.demo import DemoConfig, run_demo
 from recare.world.ground_truth import SYNTHETIC_NOTE, _fmt_r, pearson
 
@@ -106,6 +107,9 @@ def format_seed_summary(summary: dict[str, Any]) -> str:
     corr = summary["care_score_vs_ground_truth"]
     lines += ["", f"CARE score vs ground-truth C presence over all (model, seed) points: Pearson r = {_fmt_r(corr)} "
               f"(n = {corr['n']}, Fisher-z 95% interval)."]
+    if summary.get("configuration_warnings"):
+        lines += ["", "**Warning: the seed runs differ in more than their seed** (recare.report.compare):", ""]
+        lines += [f"- {line}" for line in summary["configuration_warnings"]]
     return "\n".join(lines) + "\n"
 
 
@@ -117,6 +121,20 @@ def run_demo_seeds(out_dir: str | os.PathLike, seeds: Sequence[int], config: Dem
     out_dir = Path(out_dir)
     summaries = [run_demo(out_dir / f"seed-{s}", replace(config, seed=int(s)), device, progress) for s in seeds]
     summary = summarize_seeds(summaries)
+    summary["configuration_warnings"] = check_seed_summaries(out_dir, summaries)
     write_json_atomic(out_dir / "summary.json", summary)
     write_text_atomic(out_dir / "summary.md", format_seed_summary(summary))
     return summary
+
+
+def check_seed_summaries(out_dir: Path, summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """RecareError unless the seed runs (out_dir/seed-<s>) differ only by their seed: demo settings, world,
+    detector, CLIP and FID extractor, sampling settings and the prompt files not made from the seed
+    (recare.report.compare.check_seed_runs); returns the warnings to record (other recare or package versions)."""
+    runs = {}
+    for s in summaries:
+        seed = s["config"]["seed"]
+        results = read_json(out_dir / f"seed-{seed}" / "report" / "results.json", "demo results")
+        runs[f"seed {seed}"] = {"results": results, "config": {**s["config"], "world": s.get("world")},
+                                "environment": s.get("environment")}
+    return check_seed_runs(runs)
