@@ -88,15 +88,15 @@ def test_learned_embeddings_round_trip(tiny_sd, tmp_path):
     width = tiny_sd.text_encoder.get_input_embeddings().weight.shape[1]
     vector = torch.arange(width, dtype=torch.float32)
     save_learned_embeddings({"<concept-1>": vector}, tmp_path / "learned.safetensors")
-    loaded = load_learned_embeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, tmp_path / "learned.safetensors")
+    loaded = load_learned_embeddings(tiny_sd.conditioner(), tmp_path / "learned.safetensors")
     assert loaded == ["<concept-1>"]
     token_id = tiny_sd.tokenizer.convert_tokens_to_ids("<concept-1>")
     assert torch.equal(tiny_sd.text_encoder.get_input_embeddings().weight[token_id], vector)
     with pytest.raises(RecareError, match="already exists"):
-        load_learned_embeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, tmp_path / "learned.safetensors")
+        load_learned_embeddings(tiny_sd.conditioner(), tmp_path / "learned.safetensors")
     save_learned_embeddings({"<wide>": torch.zeros(width + 1)}, tmp_path / "wide.safetensors")
     with pytest.raises(RecareError, match="needs"):
-        load_learned_embeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, tmp_path / "wide.safetensors")
+        load_learned_embeddings(tiny_sd.conditioner(), tmp_path / "wide.safetensors")
 
 
 def test_learned_embeddings_load_in_diffusers(tiny_sd, tmp_path):

@@ -9,14 +9,13 @@ import torch
 from PIL import Image
 
 from recare.errors import RecareError
+from recare.models.embeddings import add_placeholder_token, token_row_override
 from recare.train.inversion import (
     InversionConfig,
     LatentCache,
-    add_placeholder_token,
     denoising_loss,
     image_slices,
     images_to_pixels,
-    token_row_override,
     train_textual_inversion,
 )
 
@@ -134,6 +133,7 @@ def test_latent_cache_sample_equals_fresh_encode(tiny_sd):
 
 class _ZeroUNet(torch.nn.Module):
     dtype = torch.float32
+    config = SimpleNamespace()  # an SD 1.x UNet: no added conditioning
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return SimpleNamespace(sample=torch.zeros_like(sample))
@@ -150,8 +150,8 @@ def test_denoising_loss_targets(prediction_type, expected):
     scheduler = DDPMScheduler(prediction_type=prediction_type, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", num_train_timesteps=1000)
     assert SD14_SCHEDULER["beta_start"] == 0.00085
-    text_encoder = lambda ids: (torch.zeros(1, 3, 8),)  # noqa: E731
-    loss = denoising_loss(_ZeroUNet(), text_encoder, scheduler, torch.ones(1, 4, 2, 2), torch.zeros(1, 3),
+    conditioner = SimpleNamespace(encode_ids=lambda ids: torch.zeros(1, 3, 8))
+    loss = denoising_loss(_ZeroUNet(), conditioner, scheduler, torch.ones(1, 4, 2, 2), (torch.zeros(1, 3),),
                           torch.tensor([0]), torch.full((1, 4, 2, 2), 2.0))
     if prediction_type == "v_prediction":
         expected = (2 * 0.99915 ** 0.5 - 0.00085 ** 0.5) ** 2  # 3.8855...
@@ -296,5 +296,5 @@ def test_saved_embedding_loads_in_diffusers(tiny_sd, tmp_path):
     assert torch.allclose(pipe.text_encoder.get_input_embeddings().weight[token_id], learned.embedding)
 
     fresh = build_tiny_sd(seed=0)
-    assert load_learned_embeddings(fresh.tokenizer, fresh.text_encoder, path) == ["<c-0>"]
+    assert load_learned_embeddings(fresh.conditioner(), path) == ["<c-0>"]
     assert torch.equal(fresh.text_encoder.get_input_embeddings().weight[49408], learned.embedding)

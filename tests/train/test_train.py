@@ -135,7 +135,7 @@ def test_batched_stage2_iteration_equals_unbatched(tiny_sd):
     trainable, original, teacher_unet = _student_and_teacher(tiny_sd)
     unet, ddim = tiny_sd.unet, make_ddim_scheduler(tiny_sd.scheduler, 4)
     prompts = ["", "nudity", "<x1>", "<x2>", "A person", "A photo of woman"]
-    table = PromptEmbeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, torch.device("cpu"))(prompts)
+    table = PromptEmbeddings(tiny_sd.conditioner())(prompts)
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     t = torch.tensor(750)
     rows = Stage2Rows(uncond=0, erase_set=(1, 2, 3), concept=2, anchor=4, retain=5)
@@ -173,7 +173,7 @@ def test_batched_stage1_iteration_equals_unbatched(tiny_sd, method):
     config = tiny_config(method=method, negative_guidance=2.0, eta=0.5)
     _, original, teacher_unet = _student_and_teacher(tiny_sd, "xattn")
     unet, ddim = tiny_sd.unet, make_ddim_scheduler(tiny_sd.scheduler, 4)
-    emb = PromptEmbeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, torch.device("cpu"))(["nudity", ""])
+    emb = PromptEmbeddings(tiny_sd.conditioner())(["nudity", ""])
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     t = torch.tensor(500)
     loss = stage1_loss(unet, original, ddim, z, t, emb[:1], emb[1:], config)
@@ -196,7 +196,7 @@ def test_bf16_teacher_copy_is_exact_under_bf16_autocast(tiny_sd, mode):
         for p in trainable.values():
             p.add_(0.05)  # the student moves away; the teacher copies must not
     ddim = make_ddim_scheduler(tiny_sd.scheduler, 4)
-    emb = PromptEmbeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, torch.device("cpu"))(["", "nudity", "a cat"])
+    emb = PromptEmbeddings(tiny_sd.conditioner())(["", "nudity", "a cat"])
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a = teacher_epsilon(tiny_sd.unet, fp32, ddim, z, torch.tensor(500), emb)
@@ -220,7 +220,7 @@ def test_stage2_loss_decreases_on_a_fixed_latent(tiny_sd):
     trainable = dict(set_trainable(tiny_sd.unet, "noxattn"))
     original = {k: p.detach().clone() for k, p in trainable.items()}
     ddim = make_ddim_scheduler(tiny_sd.scheduler, 4)
-    table = PromptEmbeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, torch.device("cpu"))(
+    table = PromptEmbeddings(tiny_sd.conditioner())(
         ["", "nudity", "A person", "A photo of woman"])
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     rows = Stage2Rows(uncond=0, erase_set=(1,), concept=1, anchor=2, retain=3)

@@ -7,7 +7,8 @@ Formats:
   UNet with the same shape). A diffusers folder (`unet/diffusion_pytorch_model.safetensors`)
   is read as "full". A released `.pt` state dict is read only with torch.load(weights_only=True)
   (no unpickling of arbitrary objects) and can be converted once with `convert_pt_to_safetensors`.
-- Learned tokens: the layout diffusers' `load_textual_inversion` reads: {token: (dim,) tensor}.
+- Learned tokens: the layout diffusers' `load_textual_inversion` reads: {token: (dim,) tensor};
+  SDXL: {"clip_l": (1, 768), "clip_g": (1, 1280)} with the token in the metadata (one per file).
 - LoRA adapter (training with lora_rank > 0): the layout diffusers' pipeline
   `load_lora_weights(folder, weight_name=...)` reads: keys "unet.<module>.lora_A.weight" /
   "...lora_B.weight", metadata `lora_adapter_metadata` = JSON {"unet.<LoraConfig field>": value}
@@ -20,7 +21,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -196,35 +197,69 @@ def convert_pt_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) ->
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"recare_params": "full"})
 
 
-def save_learned_embeddings(embeddings: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Save {token: (dim,) embedding} in the layout diffusers' load_textual_inversion reads."""
+def save_learned_embeddings(embeddings: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                            row_widths: Sequence[int] = ()) -> None:
+    """Save learned tokens in the layout diffusers' `load_textual_inversion` reads, atomically.
+
+    One text encoder (row_widths of length <= 1): {token: (dim,) embedding}. Two (SDXL, `row_widths`
+    = (768, 1280)): ONE token per file, its concatenated row split into {"clip_l": (1, 768),
+    "clip_g": (1, 1280)}, the token in the metadata ("token"), as SDXL embeddings are shared; a stock
+    SDXL pipeline loads it with `load_textual_inversion(state["clip_l"], token=..., text_encoder=
+    pipe.text_encoder, tokenizer=pipe.tokenizer)` and the same for clip_g / text_encoder_2.
+    """
     from safetensors.torch import save_file
 
+    metadata = None
+    if len(row_widths) > 1:
+        if len(embeddings) != 1 or len(row_widths) != len(SDXL_EMBEDDING_KEYS):
+            raise RecareError(f"an SDXL embedding file holds one token for {len(SDXL_EMBEDDING_KEYS)} text encoders")
+        (token, row), = embeddings.items()
+        parts = row.detach().float().reshape(-1).split(list(row_widths))
+        tensors = {key: part.reshape(1, -1) for key, part in zip(SDXL_EMBEDDING_KEYS, parts)}
+        metadata = {"token": token}
+    else:
+        tensors = {k: v.detach().float().reshape(-1) for k, v in embeddings.items()}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().float().reshape(-1).contiguous().cpu() for k, v in embeddings.items()}, str(tmp))
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def load_learned_embeddings(tokenizer, text_encoder, path: str | os.PathLike) -> list[str]:
-    """Add the tokens of a textual-inversion safetensors file to tokenizer and text encoder.
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+"""Keys of an SDXL textual-inversion file: the rows of text_encoder and of text_encoder_2."""
 
-    Raises RecareError when a token already exists or the embedding width does not match.
-    Returns the added tokens.
-    """
-    state, _ = _read_state_dict(path)
+
+def read_learned_embeddings(path: str | os.PathLike, row_widths: Sequence[int]) -> dict[str, torch.Tensor]:
+    """{token: concatenated (sum(row_widths),) row} of a learned-embedding file (save_learned_embeddings)."""
+    state, metadata = _read_state_dict(path)
     if not state:
         raise RecareError(f"{path} holds no embeddings")
-    width = text_encoder.get_input_embeddings().weight.shape[1]
+    if len(row_widths) > 1:
+        token = metadata.get("token")
+        if set(state) != set(SDXL_EMBEDDING_KEYS) or not token:
+            raise RecareError(f"{path} is not an SDXL embedding file: it needs tensors {list(SDXL_EMBEDDING_KEYS)} "
+                              f"and a 'token' in its metadata (found {sorted(state)})")
+        state = {token: torch.cat([state[k].reshape(-1) for k in SDXL_EMBEDDING_KEYS])}
+    width = sum(row_widths)
     for token, vector in state.items():
         if vector.numel() != width:
             raise RecareError(f"embedding of {token!r} in {path} has {vector.numel()} values; "
-                              f"this text encoder needs {width}")
-        if token in tokenizer.get_vocab():
+                              f"this model needs {width}")
+    return {token: vector.reshape(-1) for token, vector in state.items()}
+
+
+def load_learned_embeddings(conditioner, path: str | os.PathLike) -> list[str]:
+    """Add the tokens of a textual-inversion safetensors file to the model's tokenizer(s) and text encoder(s).
+
+    `conditioner`: the model's PromptConditioner (SDComponents.conditioner()). Raises RecareError when
+    a token already exists or the embedding width does not match. Returns the added tokens.
+    """
+    state = read_learned_embeddings(path, conditioner.row_widths)
+    for token in state:
+        if token in conditioner.tokenizer.get_vocab():
             raise RecareError(f"token {token!r} from {path} already exists in the tokenizer")
-    tokenizer.add_tokens(list(state))
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set below
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for token, vector in state.items():
-            table[tokenizer.convert_tokens_to_ids(token)] = vector.reshape(-1).to(table.dtype)
+    for tokenizer, encoder in zip(conditioner.tokenizers, conditioner.text_encoders):
+        tokenizer.add_tokens(list(state))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set below
+    for token, vector in state.items():
+        conditioner.set_token_row(conditioner.tokenizer.convert_tokens_to_ids(token), vector)
     logger.info("added learned tokens %s from %s", list(state), path)
     return list(state)

@@ -20,11 +20,13 @@ import torch
 from PIL import Image
 
 from recare.errors import RecareError
+from recare.models.conditioning import PromptConditioner, is_sdxl_unet
 from recare.models.preprocess import DEVICE_TYPES, TensorImageProcessor, log_once, tensor_processor_or_none
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SD_MODEL = "CompVis/stable-diffusion-v1-4"
+DEFAULT_SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 MODEL_NOTE_FILE = "recare_model_note.json"
 """Optional file of a model folder: {"note": "..."} says what the model is (e.g. "not Stable Diffusion");
@@ -80,7 +82,12 @@ def _load_error(what: str, source: str, err: Exception) -> RecareError:
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion 1.x/2.x model that recare uses (no safety checker)."""
+    """The parts of a Stable Diffusion 1.x/2.x or SDXL model that recare uses (no safety checker).
+
+    SDXL models also have `tokenizer_2` / `text_encoder_2` (a CLIPTextModelWithProjection); the rest
+    of recare reaches the text side through `conditioner()` (recare.models.conditioning), the one
+    place that knows the families apart.
+    """
 
     tokenizer: Any
     text_encoder: Any
@@ -91,6 +98,38 @@ class SDComponents:
     revision: str | None = None
     note: str | None = None
     """What the model is, from the folder's recare_model_note.json (MODEL_NOTE_FILE); None: nothing said."""
+    tokenizer_2: Any = None
+    """SDXL: the second tokenizer (OpenCLIP bigG's); None for SD 1.x/2.x."""
+    text_encoder_2: Any = None
+    """SDXL: the second text encoder, with projection (its pooled output is the UNet's text_embeds)."""
+    force_zeros_for_empty_prompt: bool = True
+    """SDXL pipelines' setting (model_index.json): the negative branch of "" is all zeros."""
+
+    @property
+    def family(self) -> str:
+        """'sdxl' when the UNet takes SDXL's added text/time conditioning, else 'sd' (SD 1.x/2.x)."""
+        return "sdxl" if is_sdxl_unet(self.unet) else "sd"
+
+    @property
+    def text_encoders(self) -> tuple[Any, ...]:
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def tokenizers(self) -> tuple[Any, ...]:
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
+
+    def conditioner(self, image_size: int | None = None) -> PromptConditioner:
+        """Token ids and packed UNet conditioning of prompts for this model (recare.models.conditioning).
+
+        image_size: SDXL's original/target size in the time ids (default: the model's image size).
+        """
+        if self.family == "sdxl":
+            if self.text_encoder_2 is None or self.tokenizer_2 is None:
+                raise RecareError("this UNet takes SDXL conditioning but the model has no text_encoder_2/tokenizer_2")
+            size = float(image_size or self.image_size)
+            return PromptConditioner(self.tokenizers, self.text_encoders, "sdxl", (size, size, 0.0, 0.0, size, size),
+                                     self.force_zeros_for_empty_prompt)
+        return PromptConditioner((self.tokenizer,), (self.text_encoder,), "sd")
 
     @property
     def prediction_type(self) -> str:
@@ -111,28 +150,38 @@ class SDComponents:
 
     @property
     def image_size(self) -> int:
-        """Default image side in pixels (512 for SD v1.4)."""
+        """Default image side in pixels (512 for SD v1.4, 1024 for SDXL base)."""
         return self.latent_shape[1] * self.vae_scale_factor
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "SDComponents":
-        """Move the three networks in place (dtype only when given); returns self."""
-        for module in (self.text_encoder, self.vae, self.unet):
+        """Move the networks in place (dtype only when given); returns self."""
+        for module in (*self.text_encoders, self.vae, self.unet):
             module.to(device=device) if dtype is None else module.to(device=device, dtype=dtype)
         return self
 
     def pipeline(self, scheduler: Any | None = None):
-        """A diffusers StableDiffusionPipeline over these components, safety checker OFF.
+        """A diffusers StableDiffusionPipeline (or StableDiffusionXLPipeline) over these components,
+        safety checker OFF (SDXL has none; its invisible watermark is off too).
 
         recare generates target images of unsafe concepts on purpose (method §1): with the
         safety checker on, most nudity images come back black.
         """
-        from diffusers import StableDiffusionPipeline
+        scheduler = scheduler if scheduler is not None else self.scheduler
+        if self.family == "sdxl":
+            from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=scheduler if scheduler is not None else self.scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=scheduler,
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, add_watermarker=False,
+            )
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -146,26 +195,33 @@ def load_sd(
     learned_embeddings: Sequence[str | os.PathLike] = (),
     text_encoder_weights: str | os.PathLike | None = None,
 ) -> SDComponents:
-    """Load tokenizer, text encoder, VAE, UNet and scheduler of a diffusers SD 1.x/2.x model.
+    """Load the components of a diffusers SD 1.x/2.x or SDXL model (the family read from its model_index.json).
 
     Args:
-        source: Hub id or local diffusers folder.
+        source: Hub id or local diffusers folder (SDXL: e.g. DEFAULT_SDXL_MODEL).
         revision: Hub revision (branch, tag or commit).
         dtype: weights dtype ('fp32', 'fp16', 'bf16' or a torch dtype).
         device: where the networks go.
         unet_weights: optional erased-UNet weights (safetensors), loaded strictly.
-        learned_embeddings: textual-inversion files whose tokens are added to the tokenizer.
-        text_encoder_weights: optional replacement text-encoder weights (e.g. AdvUnlearn's), strict.
+        learned_embeddings: textual-inversion files whose tokens are added to the tokenizer(s).
+        text_encoder_weights: optional replacement text-encoder weights (e.g. AdvUnlearn's), strict (SD 1.x only).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     src = resolve_source(source, "Stable Diffusion model")
     dtype = parse_dtype(dtype)
     kw = {"revision": revision} if revision else {}
     try:
+        index = _model_index(src, kw)
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kw)
+        extra: dict[str, Any] = {}
+        if (index.get("text_encoder_2") or [None])[0] is not None:
+            extra = {"tokenizer_2": CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw),
+                     "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2",
+                                                                                  dtype=dtype, **kw),
+                     "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
         vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **kw)
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **kw)
         scheduler = _load_scheduler(src, kw)
@@ -174,8 +230,8 @@ def load_sd(
     except Exception as err:  # diffusers/transformers raise many types (OSError, ValueError, HTTP errors)
         raise _load_error("Stable Diffusion model", src, err) from err
     components = SDComponents(tokenizer, text_encoder, vae, unet, scheduler, source=src, revision=revision,
-                              note=read_model_note(src))
-    for module in (text_encoder, vae, unet):
+                              note=read_model_note(src), **extra)
+    for module in (*components.text_encoders, vae, unet):
         module.requires_grad_(False)
         module.eval()
     if unet_weights is not None:
@@ -183,14 +239,39 @@ def load_sd(
 
         load_unet_weights(unet, unet_weights)
     if text_encoder_weights is not None:
+        if components.family == "sdxl":
+            raise RecareError("replacement text-encoder weights are supported for SD 1.x/2.x models only")
         from recare.models.checkpoints import load_text_encoder_weights
 
         load_text_encoder_weights(text_encoder, text_encoder_weights)
     for path in learned_embeddings:
         from recare.models.checkpoints import load_learned_embeddings
 
-        load_learned_embeddings(tokenizer, text_encoder, path)
+        load_learned_embeddings(components.conditioner(), path)
     return components.to(device=device)
+
+
+def _model_index(src: str, kw: dict) -> dict[str, Any]:
+    """The model's model_index.json (a local folder's, or the Hub's through the cache; HF_HUB_OFFLINE respected).
+
+    A folder without one (components saved one by one) is read from its subfolders' presence.
+    """
+    path = Path(src) / "model_index.json"
+    if Path(src).is_dir():
+        if not path.is_file():
+            return {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]} \
+                if (Path(src) / "text_encoder_2").is_dir() else {}
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(src, "model_index.json", **kw))
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RecareError(f"cannot read {path}: {err}") from err
+    if not isinstance(index, dict):
+        raise RecareError(f"{path} does not hold a JSON object")
+    return index
 
 
 def has_safety_checker(source: str | os.PathLike, revision: str | None = None) -> bool:

@@ -101,3 +101,40 @@ def save_image_text_model(model: ImageTextModel, folder: str | os.PathLike) -> P
     model.model.save_pretrained(folder, safe_serialization=True)
     model.processor.save_pretrained(folder)
     return folder
+
+
+def build_tiny_sdxl(seed: int = 0, sample_size: int = 16, prediction_type: str = "epsilon") -> SDComponents:
+    """A tiny random SDXL-layout model: two text encoders (32 + 32 wide, the second with a 32-d projection),
+    a UNet with SDXL's text_time added conditioning (cross-attention 64), Euler scheduler, 32x32 images.
+
+    Sizes follow diffusers' own SDXL pipeline tests; the layout (penultimate hidden states of both
+    encoders, pooled text_embeds, 6 time ids) is SDXL's, the widths are not.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=sample_size * 2, scaling_factor=0.13025)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_clip_text_config(32, 2, 4))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(32, 2, 4, projection_dim=32))
+    # SDXL base's scheduler config (scheduler/scheduler_config.json): Euler, scaled_linear, leading spacing.
+    scheduler = EulerDiscreteScheduler(prediction_type=prediction_type, timestep_spacing="leading", **{
+        k: v for k, v in SD14_SCHEDULER.items() if k in ("beta_start", "beta_end", "beta_schedule",
+                                                         "num_train_timesteps", "steps_offset")})
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
+    for module in (text_encoder, text_encoder_2, vae, unet):
+        module.requires_grad_(False).eval()
+    return SDComponents(offline_clip_tokenizer(), text_encoder, vae, unet, scheduler, source="<tiny-random-sdxl>",
+                        tokenizer_2=offline_clip_tokenizer(pad_token="!"), text_encoder_2=text_encoder_2)

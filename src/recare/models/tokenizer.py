@@ -77,8 +77,12 @@ def _tokenizer_folder() -> str:
     return str(write_clip_tokenizer_files(tempfile.mkdtemp(prefix="recare-clip-tokenizer-")))
 
 
-def offline_clip_tokenizer(model_max_length: int = 77):
-    """transformers CLIPTokenizer with CLIP's real vocabulary, built without network access."""
+def offline_clip_tokenizer(model_max_length: int = 77, pad_token: str | None = None):
+    """transformers CLIPTokenizer with CLIP's real vocabulary, built without network access.
+
+    pad_token: None pads with the end-of-text token (SD 1.x); "!" as SDXL's tokenizer_2 (id 0).
+    """
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(_tokenizer_folder(), model_max_length=model_max_length)
+    kw = {"pad_token": pad_token} if pad_token is not None else {}
+    return CLIPTokenizer.from_pretrained(_tokenizer_folder(), model_max_length=model_max_length, **kw)

@@ -48,7 +48,8 @@ from recare.io import load_image_rgb, write_json_atomic
 from recare.models import precision
 from recare.models.acceleration import mark_step, to_device
 from recare.models.checkpoints import save_learned_embeddings
-from recare.models.embeddings import INITIALIZER_MODES, add_placeholder_token, token_row_override
+from recare.models.conditioning import PromptConditioner, unet_condition
+from recare.models.embeddings import INITIALIZER_MODES
 from recare.models.loading import SDComponents
 from recare.models.precision import MIXED_PRECISION_MODES
 
@@ -289,12 +290,13 @@ def _image_order(n: int, generator: torch.Generator) -> Iterator[int]:
 
 @dataclass
 class LearnedEmbedding:
-    """The result of one inversion: a token and its learned (dim,) embedding."""
+    """The result of one inversion: a token and its learned embedding (one row; SDXL: both encoders' rows)."""
 
     token: str
     """The placeholder string, now in the tokenizer."""
     embedding: torch.Tensor
-    """(dim,) float32 CPU tensor; also written into the text encoder's table."""
+    """(dim,) float32 CPU tensor (SDXL: the concatenated rows of both encoders, 768 + 1280); also written into
+    the text encoders' tables."""
     losses: list[float] = field(default_factory=list)
     """Loss of every step."""
     token_id: int = -1
@@ -303,12 +305,14 @@ class LearnedEmbedding:
     """The initializer string."""
     initializer_id: int = -1
     """Id of the initializer token."""
+    row_widths: tuple[int, ...] = ()
+    """Width of each text encoder's part of `embedding` (SDXL: (768, 1280)); () = one encoder."""
 
     def save(self, path: str | os.PathLike, config: InversionConfig | None = None) -> None:
         """Write {token: embedding} as safetensors (diffusers' load_textual_inversion layout) and,
         next to it, a .json with the token, initializer, settings and loss summary."""
         path = Path(path)
-        save_learned_embeddings({self.token: self.embedding}, path)
+        save_learned_embeddings({self.token: self.embedding}, path, self.row_widths)
         tail = self.losses[-100:]
         write_json_atomic(path.with_suffix(".json"), {
             "token": self.token, "token_id": self.token_id, "initializer": self.initializer,
@@ -333,8 +337,8 @@ def frozen(*modules: torch.nn.Module) -> Iterator[None]:
                 param.requires_grad_(requires_grad)
 
 
-def denoising_loss(unet, text_encoder, noise_scheduler, latents: torch.Tensor, input_ids: torch.Tensor,
-                   timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def denoising_loss(unet, conditioner: PromptConditioner, noise_scheduler, latents: torch.Tensor,
+                   input_ids: Sequence[torch.Tensor], timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (eps, or velocity for v-prediction)."""
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -344,8 +348,8 @@ def denoising_loss(unet, text_encoder, noise_scheduler, latents: torch.Tensor, i
     else:
         raise RecareError(f"textual inversion supports epsilon and v_prediction models, not {prediction_type!r}")
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (b, c, h, w)
-    hidden = text_encoder(input_ids)[0]  # (b, seq, dim)
-    pred = unet(noisy.to(unet.dtype), timesteps, hidden.to(unet.dtype)).sample
+    packed = conditioner.encode_ids(input_ids)  # (b, seq, dim), gradients reach the overridden row
+    pred = unet(noisy.to(unet.dtype), timesteps, **unet_condition(unet, packed, unet.dtype)).sample
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -366,7 +370,8 @@ def _check_call(components: SDComponents, images: Sequence[Any], config: Inversi
         raise RecareError("textual inversion needs at least one image")
     unet = components.unet if unet is None else unet
     device = torch.device(device) if device is not None else next(unet.parameters()).device
-    _check_device(device, unet=unet, vae=components.vae, text_encoder=components.text_encoder)
+    _check_device(device, unet=unet, vae=components.vae,
+                  **{f"text_encoder{'_' + str(i + 1) if i else ''}": e for i, e in enumerate(components.text_encoders)})
     resolution = config.resolution or components.image_size
     if resolution % components.vae_scale_factor:
         raise RecareError(f"resolution {resolution} is not a multiple of the VAE factor {components.vae_scale_factor}")
@@ -381,7 +386,7 @@ def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler
     scaler.update()
 
 
-def _fit_row(row: torch.Tensor, unet: torch.nn.Module, text_encoder: Any, tokenizer: Any, noise_scheduler: Any,
+def _fit_row(row: torch.Tensor, unet: torch.nn.Module, conditioner: PromptConditioner, noise_scheduler: Any,
              cache: LatentCache, prompts: Sequence[str], config: InversionConfig, timestep_range: tuple[int, int],
              generator: torch.Generator, device: torch.device, bar_name: str, progress: bool) -> list[float]:
     """AdamW on the token's embedding `row` for config.steps steps of the denoising loss; the losses."""
@@ -392,8 +397,7 @@ def _fit_row(row: torch.Tensor, unet: torch.nn.Module, text_encoder: Any, tokeni
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     losses = _LossLog()
     order = _image_order(len(cache), generator)
-    prompt_ids = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                           return_tensors="pt").input_ids.to(device)  # (templates, L), tokenized once
+    prompt_ids = conditioner.token_ids(prompts)  # per tokenizer (templates, L), tokenized once
     bar = tqdm(range(config.steps), desc=bar_name, disable=not progress)
     for step in bar:
         if stop_requested():
@@ -402,7 +406,7 @@ def _fit_row(row: torch.Tensor, unet: torch.nn.Module, text_encoder: Any, tokeni
         latents, input_ids, timesteps, noise = _draw_batch(cache, order, prompt_ids, config, timestep_range,
                                                            generator, device)
         with precision.autocast_context(config.mixed_precision, device, fp16_ok=True):
-            loss = denoising_loss(unet, text_encoder, noise_scheduler, latents, input_ids, timesteps, noise)
+            loss = denoising_loss(unet, conditioner, noise_scheduler, latents, input_ids, timesteps, noise)
         losses.append(loss.detach())
         _optimizer_step(loss, optimizer, scaler)
         if (step + 1) % LOSS_LOG_EVERY == 0 or step + 1 == config.steps:
@@ -442,16 +446,17 @@ def _noise_schedule(components: SDComponents, config: InversionConfig) -> tuple[
     return noise_scheduler, (low, high)
 
 
-def _draw_batch(cache: LatentCache, order: Iterator[int], prompt_ids: torch.Tensor,
+def _draw_batch(cache: LatentCache, order: Iterator[int], prompt_ids: Sequence[torch.Tensor],
                 config: InversionConfig, timestep_range: tuple[int, int], generator: torch.Generator,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
     """One step's (latents, input_ids, timesteps, noise), drawn from `generator` in a fixed order:
     images, flips, prompts, latent samples, timesteps, noise. `prompt_ids`: every template's token ids
-    on the device (templates, L); draws are moved there without a host sync."""
+    on the device, (templates, L) per tokenizer; draws are moved there without a host sync."""
     indices = torch.tensor([next(order) for _ in range(config.batch_size)])
     flips = torch.rand(config.batch_size, generator=generator, device=generator.device) < config.flip_p
-    chosen = torch.randint(len(prompt_ids), (config.batch_size,), generator=generator, device=generator.device)
-    input_ids = torch.cat([prompt_ids[i:i + 1] for i in chosen.tolist()])  # (b, L): host indices, no sync
+    chosen = torch.randint(len(prompt_ids[0]), (config.batch_size,), generator=generator,
+                           device=generator.device).tolist()
+    input_ids = tuple(torch.cat([ids[i:i + 1] for i in chosen]) for ids in prompt_ids)  # (b, L): host indices
     latents = cache.sample(indices, flips, generator)
     timesteps = to_device(torch.randint(*timestep_range, (config.batch_size,), generator=generator,
                                         device=generator.device), device)
@@ -471,8 +476,9 @@ def train_textual_inversion(
 ) -> LearnedEmbedding:
     """Learn the embedding of a new token `placeholder` from `images` against a frozen UNet (method §3b).
 
-    Adds `placeholder` to components.tokenizer / text_encoder (initialised from `initializer`,
-    see add_placeholder_token) and leaves the learned embedding in the table, so the
+    Adds `placeholder` to the components' tokenizer(s) / text encoder(s) (initialised from `initializer`,
+    see add_placeholder_token; SDXL: in both encoders, one concatenated row is learned) and leaves the
+    learned embedding in the table(s), so the
     components can use the token afterwards. Only that row of the table changes. UNet
     (default components.unet; pass the erased UNet for stage 1 / CCE), VAE and text encoder
     are frozen during the call and their requires_grad/train flags restored afterwards.
@@ -495,23 +501,20 @@ def train_textual_inversion(
     noise_scheduler, (low, high) = _noise_schedule(components, config)
     pixels = images_to_pixels(load_images(images), resolution)
 
-    tokenizer, text_encoder = components.tokenizer, components.text_encoder
-    token_id, initializer_id = add_placeholder_token(tokenizer, text_encoder, placeholder, initializer,
-                                                     config.initializer_mode)
-    table = text_encoder.get_input_embeddings().weight
-    row = table[token_id].detach().float().clone().requires_grad_(True)  # (dim,) the only trained tensor
+    conditioner = components.conditioner(resolution)  # SDXL: time ids of the training resolution
+    token_id, initializer_id = conditioner.add_placeholder(placeholder, initializer, config.initializer_mode)
+    row = conditioner.token_row(token_id).detach().float().clone().requires_grad_(True)  # (dim,) the only trained tensor
     logger.info("textual inversion of %r: %d images at %d px, %d steps, batch %d, lr %g, timesteps [%d, %d), %s",
                 placeholder, len(pixels), resolution, config.steps, config.batch_size, config.effective_learning_rate,
                 low, high, f"autocast {autocast_dtype}" if autocast_dtype else "fp32")
     prompts = [t.format(placeholder) for t in templates]
-    with frozen(unet, components.vae, text_encoder), token_row_override(text_encoder, token_id, row):
+    with frozen(unet, components.vae, *conditioner.text_encoders), conditioner.row_override(token_id, row):
         cache = LatentCache.encode(components.vae, pixels, config.encode_batch_size)
-        losses = _fit_row(row, unet, text_encoder, tokenizer, noise_scheduler, cache, prompts, config, (low, high),
+        losses = _fit_row(row, unet, conditioner, noise_scheduler, cache, prompts, config, (low, high),
                           generator, device, bar_name=f"inversion {placeholder}", progress=progress)
-    with torch.no_grad():
-        table[token_id] = row.detach().to(table.dtype)
+    conditioner.set_token_row(token_id, row.detach())
     tail = losses[-100:]
     logger.info("textual inversion of %r done: mean loss of the last %d steps %.4f", placeholder, len(tail),
                 sum(tail) / len(tail))
     return LearnedEmbedding(placeholder, row.detach().float().cpu().clone(), losses, token_id, initializer,
-                            initializer_id)
+                            initializer_id, conditioner.row_widths if len(conditioner.row_widths) > 1 else ())

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from recare.models.acceleration import to_device
+from recare.models.conditioning import unet_condition
 from recare.train.guidance import to_epsilon
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def guided_epsilon(unet: Any, scheduler: Any, latents: torch.Tensor, t: torch.Te
     Outputs are converted to epsilon with the scheduler's prediction_type before guidance.
     """
     latents_in = latents if guidance_scale == 1 else torch.cat([latents, latents])  # (B or 2B, C, H, W)
-    output = unet(scheduler.scale_model_input(latents_in, t), t, encoder_hidden_states=embeddings).sample
+    output = unet(scheduler.scale_model_input(latents_in, t), t, **unet_condition(unet, embeddings)).sample
     eps = to_epsilon(output, latents_in, t, scheduler)
     if guidance_scale == 1:
         return eps

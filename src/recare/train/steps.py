@@ -12,6 +12,7 @@ import torch
 from torch.func import functional_call
 
 from recare.errors import RecareError
+from recare.models.conditioning import PromptConditioner, unet_condition
 from recare.models.params import add_lora, set_trainable
 from recare.train.config import TrainConfig
 from recare.train.guidance import to_epsilon
@@ -49,21 +50,17 @@ def balanced_schedule(items: Sequence[Any], n: int, generator: torch.Generator) 
 
 
 class PromptEmbeddings:
-    """Text-encoder outputs, computed once per prompt (padded to the tokenizer's max length)."""
+    """Packed prompt conditionings (recare.models.conditioning), computed once per prompt."""
 
-    def __init__(self, tokenizer, text_encoder, device: torch.device):
-        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
+    def __init__(self, conditioner: PromptConditioner):
+        self.conditioner = conditioner
         self._cache: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(len(prompts), L, D) float32 embeddings on the device."""
+        """(len(prompts), L, D) float32 conditionings on the encoders' device (SDXL: L + 1 rows)."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
-            ids = self.tokenizer(missing, padding="max_length", truncation=True, return_tensors="pt",
-                                 max_length=self.tokenizer.model_max_length).input_ids.to(self.device)
-            hidden = self.text_encoder(ids)[0].float()  # (n, L, D)
-            self._cache.update(zip(missing, hidden.split(1)))
+            self._cache.update(zip(missing, self.conditioner.encode(missing).split(1)))
         return torch.cat([self._cache[p] for p in prompts])
 
 
@@ -112,14 +109,14 @@ def teacher_epsilon(unet, teacher: Params, scheduler, z: torch.Tensor, t: torch.
     latents = z.expand(emb.shape[0], -1, -1, -1)  # (n, C, H, W)
     with torch.no_grad():
         out = functional_call(unet, teacher, (scheduler.scale_model_input(latents, t), t),
-                              {"encoder_hidden_states": emb}).sample
+                              unet_condition(unet, emb)).sample
     return to_epsilon(out, latents, t, scheduler).float()
 
 
 def student_epsilon(unet, scheduler, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     """eps_theta(z, t, p) for every prompt embedding in `emb`, with gradients: one UNet call."""
     latents = z.expand(emb.shape[0], -1, -1, -1)
-    out = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=emb).sample
+    out = unet(scheduler.scale_model_input(latents, t), t, **unet_condition(unet, emb)).sample
     return to_epsilon(out, latents, t, scheduler)
 
 

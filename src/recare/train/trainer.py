@@ -157,7 +157,8 @@ class Trainer:
         self.timesteps = {i: torch.tensor(training_timestep(self.ddim, i, config.ddim_steps), device=device)
                           for i in range(config.stop_range[0], config.stop_range[1] + 1)}
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.embeddings = PromptEmbeddings(components.tokenizer, components.text_encoder, device)
+        self.conditioner = components.conditioner()
+        self.embeddings = PromptEmbeddings(self.conditioner)
         self.phases = plan_phases(config)
         self.state = TrainState(identity=identity)
         self.budget: int | None = None
@@ -192,9 +193,8 @@ class Trainer:
         embeds = state.group("embed")
         for k, token in enumerate(state.learned_tokens, start=1):
             path = self.out_dir / f"learned_embeds-{k}.safetensors"
-            load_learned_embeddings(self.components.tokenizer, self.components.text_encoder, path)
-            row = self.components.text_encoder.get_input_embeddings().weight[
-                self.components.tokenizer.convert_tokens_to_ids(token)]
+            load_learned_embeddings(self.conditioner, path)
+            row = self.conditioner.token_row(self.conditioner.tokenizer.convert_tokens_to_ids(token))
             if token not in embeds or not torch.equal(row.detach().float().cpu(), embeds[token]):
                 raise RecareError(f"{path} does not hold the embedding of {token!r} {origin}")
 
