@@ -1,6 +1,6 @@
-"""Sharded generation: two CPU processes (gloo, launched with the RANK / WORLD_SIZE environment of
-torchrun / accelerate launch) make exactly the images of a single process, resume, and leave a
-manifest that single-process runs accept."""
+"""Sharded generation: two CPU processes (launched with the RANK / WORLD_SIZE environment of
+torchrun / accelerate launch; accelerate's process state joins them over gloo) make exactly the images
+of a single process, resume, and leave a manifest that single-process runs accept."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from PIL import Image
 from recare.errors import RecareError
 from recare.generate.images import GenerationConfig, generate_images, read_manifest
 from recare.generate.prompts import jobs_for_prompts
-from recare.generate.sharding import ShardInfo, merge_shards, shard_indices, shard_info_from_env
+from recare.generate.sharding import ShardInfo, merge_shards, process_shard, shard_indices, shard_info_from_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,16 +29,17 @@ WORKER = textwrap.dedent("""
     import json, sys
     import torch
     torch.set_num_threads(1)
-    import torch.distributed as dist
+    from accelerate import PartialState
     import recare.generate.sharding as rd
-    from recare.generate.sharding import barrier, generate_images_sharded, init_distributed, shard_info_from_env
+    from recare.generate.sharding import barrier, broadcast_object, generate_images_sharded, process_shard
     from recare.generate.images import GenerationConfig
     from recare.models.loading import load_sd
     from recare.generate.prompts import jobs_for_prompts
 
     model, out, log = sys.argv[1:4]
-    shard = shard_info_from_env()
-    assert init_distributed(shard, backend="gloo")
+    shard = process_shard("cpu")
+    assert shard.distributed and shard.world_size == 2 and PartialState().backend == "gloo"
+    assert broadcast_object(f"rank {{shard.rank}}", shard) == "rank 0"
     components = load_sd(model)
     jobs = jobs_for_prompts({prompts!r}, num_images_per_prompt=2, seeds=[5, 50, 500])
     config = GenerationConfig(num_inference_steps=2, batch_size=1)
@@ -57,7 +58,7 @@ WORKER = textwrap.dedent("""
         record["second"] = {{p.name: p.stat().st_mtime_ns for p in paths}}
     with open(f"{{log}}.{{shard.rank}}", "w") as fh:
         json.dump(record, fh)
-    dist.destroy_process_group()
+    PartialState().destroy_process_group()
 """).format(prompts=PROMPTS)
 
 
@@ -75,6 +76,19 @@ def test_shard_indices_and_env():
     assert shard_info_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == ShardInfo(3, 4, 1)
     with pytest.raises(RecareError, match="rank 4 of world size 4"):
         shard_info_from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_process_shard_without_a_launcher_is_one_process(monkeypatch):
+    """No launcher variables: one process, and accelerate's state is not even created (nothing is joined)."""
+    import accelerate
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(accelerate, "PartialState", lambda *a, **k: pytest.fail("process state created"))
+    assert process_shard("cpu") == ShardInfo(0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    with pytest.raises(RecareError, match="must be integers"):
+        process_shard("cpu")
 
 
 def test_two_processes_make_the_single_process_images(tiny_sd_dir, tmp_path):

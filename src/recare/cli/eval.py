@@ -208,11 +208,11 @@ def add_eval_all(sub) -> None:
 
 
 def _shard(device: str):
-    """(ShardInfo, this rank's device); joins the process group under torchrun / accelerate launch."""
-    from recare.generate.sharding import init_distributed, shard_device, shard_info_from_env
+    """(ShardInfo, this rank's device); under torchrun / accelerate launch, accelerate's process state
+    joins the process group."""
+    from recare.generate.sharding import process_shard, shard_device
 
-    shard = shard_info_from_env()
-    init_distributed(shard)
+    shard = process_shard(device)
     if shard.distributed:
         logger.info("rank %d of %d: image generation is sharded", shard.rank, shard.world_size)
     return shard, shard_device(device, shard)

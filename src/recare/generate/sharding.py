@@ -1,8 +1,11 @@
 """Sharding evaluation work across processes (`accelerate launch -m recare eval ...`, torchrun).
 
 A launcher starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK (plus
-MASTER_ADDR / MASTER_PORT); `shard_info_from_env` reads them and `init_distributed` joins the
-process group (NCCL on CUDA, gloo otherwise). Without them everything runs in one process.
+MASTER_ADDR / MASTER_PORT); `process_shard` asks accelerate's process state (`accelerate.PartialState`,
+which joins the process group: NCCL on CUDA, gloo on the CPU) for this process's index and the number
+of processes. Without a launcher everything runs in one process. `shard_info_from_env` only reads the
+launcher's variables, without joining anything (the command-line guard uses it to refuse sharding in
+commands that do not shard).
 
 `generate_images_sharded`: process `rank` makes the images of jobs i with i % world_size == rank
 (the job list, not the pending list, decides: a restart gives every job to the same rank).
@@ -36,15 +39,16 @@ from recare.models.loading import SDComponents
 logger = logging.getLogger(__name__)
 
 STAGING_DIR = ".shards"
+PROCESS_GROUP_TIMEOUT_S = 4 * 3600  # ranks wait this long while rank 0 does unsharded work (e.g. the CCE inversion)
 
 
 @dataclass(frozen=True)
 class ShardInfo:
     """This process's place among the launched processes."""
 
-    rank: int = 0  # global index of this process
-    world_size: int = 1  # number of processes
-    local_rank: int = 0  # index on this machine (which GPU)
+    rank: int = 0  # global index of this process (accelerate: process_index)
+    world_size: int = 1  # number of processes (accelerate: num_processes)
+    local_rank: int = 0  # index on this machine, i.e. which GPU (accelerate: local_process_index)
 
     def __post_init__(self):
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -60,7 +64,7 @@ class ShardInfo:
 
 
 def shard_info_from_env(env: Mapping[str, str] | None = None) -> ShardInfo:
-    """ShardInfo from RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun and accelerate launch)."""
+    """ShardInfo from the launcher's RANK / WORLD_SIZE / LOCAL_RANK, without joining a process group."""
     env = os.environ if env is None else env
     try:
         world = int(env.get("WORLD_SIZE", "1"))
@@ -71,40 +75,44 @@ def shard_info_from_env(env: Mapping[str, str] | None = None) -> ShardInfo:
     return ShardInfo(rank, world, local)
 
 
+def process_shard(device: str | torch.device | None = None,
+                  timeout_s: float = PROCESS_GROUP_TIMEOUT_S) -> ShardInfo:
+    """This process among the launched ones, from accelerate's process state (joins the process group).
+
+    device: the device the work runs on; a non-CUDA device (or none, without CUDA) makes accelerate use
+    its CPU backend (gloo). In a single process (no launcher) this is ShardInfo() and nothing is joined.
+    """
+    from accelerate import PartialState
+
+    launched = shard_info_from_env()  # checked first: a bad RANK raises RecareError, not a launcher error
+    if not launched.distributed:
+        return ShardInfo()
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    state = PartialState(cpu=kind != "cuda", timeout=datetime.timedelta(seconds=timeout_s))
+    shard = ShardInfo(state.process_index, state.num_processes, state.local_process_index)
+    if shard.world_size != launched.world_size:
+        raise RecareError(f"WORLD_SIZE is {launched.world_size} but accelerate sees {shard.world_size} processes "
+                          f"({state.distributed_type}); launch with torchrun or accelerate launch")
+    return shard
+
+
+def _state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
 def shard_indices(n: int, shard: ShardInfo) -> list[int]:
     """Indices i < n with i % world_size == rank."""
     return list(range(shard.rank, n, shard.world_size))
 
 
-def init_distributed(shard: ShardInfo, backend: str | None = None, timeout_s: float = 4 * 3600) -> bool:
-    """Join the default process group when world_size > 1 (env:// rendezvous); True when distributed.
-
-    backend: None = 'nccl' when CUDA is available, else 'gloo'. The long timeout lets ranks wait
-    while rank 0 does unsharded work (e.g. the CCE inversion).
-    """
-    if not shard.distributed:
-        return False
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        kwargs = {}
-        if backend == "nccl":
-            torch.cuda.set_device(shard.local_rank)
-            kwargs["device_id"] = torch.device("cuda", shard.local_rank)
-        dist.init_process_group(backend, rank=shard.rank, world_size=shard.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    return True
-
-
 def barrier(shard: ShardInfo) -> None:
-    """Wait for every rank (no-op in a single process)."""
+    """Wait for every rank (no-op in a single process; accelerate's wait_for_everyone otherwise)."""
     if shard.distributed:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            raise RecareError("distributed run without a process group: call init_distributed first")
-        dist.barrier()
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            raise RecareError("distributed run without a process group: call process_shard first")
+        _state().wait_for_everyone()
 
 
 def broadcast_object(obj: Any, shard: ShardInfo) -> Any:
@@ -115,11 +123,9 @@ def broadcast_object(obj: Any, shard: ShardInfo) -> Any:
     """
     if not shard.distributed:
         return obj
-    import torch.distributed as dist
+    from accelerate.utils import broadcast_object_list
 
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object_list([obj], from_process=0)[0]
 
 
 def shard_device(device: str | torch.device, shard: ShardInfo) -> torch.device:
