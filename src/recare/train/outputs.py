@@ -121,10 +121,16 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def smoothing_window(n: int) -> int:
+    """Steps averaged by the smoothed loss line: about n/20, at least 3 (1, i.e. none, below 6 steps)."""
+    return 1 if n < 6 else min(n // 3, max(3, n // 20))
+
+
 def plot_losses(path: str | os.PathLike, rows: Sequence[Sequence[Any]], title: str = "",
-                svg_path: str | os.PathLike | None = None) -> None:
+                svg_path: str | os.PathLike | None = None, stage1_from: str | None = None) -> None:
     """One panel per (stage, round): the raw loss per step (faint) and its moving average, plus
-    erase/retain for stage 2; PNG at `path` and, given svg_path, the same figure as SVG."""
+    erase/retain for stage 2; PNG at `path` and, given svg_path, the same figure as SVG.
+    stage1_from: the run whose stage 1 was adopted (recare.train's stage1_from); its panels say so."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -140,7 +146,7 @@ def plot_losses(path: str | os.PathLike, rows: Sequence[Sequence[Any]], title: s
     axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
     for ax, ((stage, rnd), items) in zip(axes, panels.items()):
         steps = [r[2] for r in items]
-        window = max(1, len(items) // 20)
+        window = smoothing_window(len(items))
         columns = [(3, "loss")] + ([(4, "erase"), (5, "retain")] if stage == "stage2" else [])
         for (col, name), colour in zip(columns, ("C0", "C1", "C2")):
             if any(r[col] is None for r in items):
@@ -149,8 +155,9 @@ def plot_losses(path: str | os.PathLike, rows: Sequence[Sequence[Any]], title: s
             ax.plot(steps, values, lw=0.6, alpha=0.35, color=colour)
             ax.plot(steps, moving_average(values, window), lw=1.4, color=colour,
                     label=f"{name} (mean of {window})" if window > 1 else name)
-        ax.legend(fontsize=7)
-        ax.set_title(f"{stage}" + (f" round {rnd}" if rnd else ""), fontsize=9)
+        ax.legend(fontsize=8, title="faint: every step" if window > 1 else None, title_fontsize=8)
+        reused = f"\n(reused from run {stage1_from!r})" if stage1_from and stage != "stage2" else ""
+        ax.set_title(f"{stage}" + (f" round {rnd}" if rnd else "") + reused, fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (MSE)")
         ax.set_yscale("log" if all((r[3] or 0) > 0 for r in items) else "linear")

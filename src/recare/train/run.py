@@ -177,9 +177,11 @@ def _write_outputs(trainer: Trainer) -> None:
                                     "recare_lora_target_modules": json.dumps(modules)})
     write_losses_csv(trainer.out_dir / LOSSES_CSV, trainer.state.losses)
     title = f"{config.method}: {config.concept}"
-    if trainer.info.get("stage1_from"):
-        title += f" (stage 1 reused from {Path(trainer.info['stage1_from']).name}: same recipe and seed)"
-    plot_losses(trainer.out_dir / LOSSES_PNG, trainer.state.losses, title, svg_path=trainer.out_dir / LOSSES_SVG)
+    reused = Path(trainer.info["stage1_from"]).name if trainer.info.get("stage1_from") else None
+    if reused:
+        title += f" (stage 1 reused from {reused}: same recipe and seed)"
+    plot_losses(trainer.out_dir / LOSSES_PNG, trainer.state.losses, title, svg_path=trainer.out_dir / LOSSES_SVG,
+                stage1_from=reused)
 
 
 def _run_recorded(trainer: Trainer, stop_after: int | None) -> tuple[bool, bool]:
