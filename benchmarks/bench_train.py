@@ -90,26 +90,74 @@ def build_sd14_random(device: str, seed: int = 0) -> SDComponents:
     return SDComponents(offline_clip_tokenizer(), text_encoder, vae, unet, scheduler, source="<random-sd-v1-4>")
 
 
-def memory_plan(train_method: str = "noxattn") -> dict[str, float]:
-    """GiB of the tensors a full-size run keeps on the device (bf16 autocast), counted on the meta device.
-
-    Activations come on top (the benchmark's measured peak includes them).
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def build_sd14_meta() -> SDComponents:
+    """The SD v1.4 architecture on the meta device (shapes only, no memory), for counting."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from recare.models.params import select_parameters
+    from recare.models.tiny import SD14_SCHEDULER
+    from recare.models.tokenizer import offline_clip_tokenizer
 
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(**SD14_UNET), AutoencoderKL(**SD14_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD14_TEXT))
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    trainable = sum(p.numel() for _, p in select_parameters(unet, train_method))
+    return SDComponents(offline_clip_tokenizer(), text_encoder, vae, unet, PNDMScheduler(**SD14_SCHEDULER),
+                        source="<meta-sd-v1-4>")
+
+
+MODELS = ("sd14", "sdxl")
+
+
+def build_meta(model: str) -> SDComponents:
+    """`model` ('sd14' or 'sdxl', full size) on the meta device."""
+    if model == "sd14":
+        return build_sd14_meta()
+    if model == "sdxl":
+        from sdxl_models import build_sdxl_meta
+
+        return build_sdxl_meta()
+    raise ValueError(f"unknown model {model!r}; choose one of {MODELS}")
+
+
+def memory_plan(train_method: str = "noxattn", model: str = "sd14", lora_rank: int = 0,
+                precision: str = "bf16") -> dict[str, float]:
+    """GiB of the tensors a full-size training run keeps, counted on the meta device (activations come on top).
+
+    What recare.train.trainer.Trainer keeps on the device: the whole UNet in fp32 (master weights; with LoRA
+    the frozen base plus the adapter), fp32 gradients and the two fp32 AdamW moments of the trainable
+    tensors (train_method's selection, or the rank-`lora_rank` adapter on it), ONE teacher copy of the
+    trainable tensors (steps.teacher_copy: bf16 under bf16 autocast, fp32 without; the original model in
+    round 1 and stage 2, the previous round's weights in rounds >= 2), and the text encoder(s) and VAE in
+    fp32. precision 'bf16' (autocast, the GPU default 'auto'): the original trainable values also wait as
+    an fp32 master copy in HOST memory (Trainer.original_master, what stage 2 restarts from); 'no' (fp32):
+    the device's fp32 teacher copy is that master copy. The textual inversion trains one embedding row
+    per encoder (bytes). The benchmark's measured peak includes the activations.
+    """
+    from recare.models.params import add_lora, select_parameters
+
+    if precision not in ("bf16", "no"):
+        raise ValueError(f"unknown precision {precision!r}; choose 'bf16' or 'no'")
+    components = build_meta(model)
+    unet = components.unet
+    count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+    unet_parameters = count([unet])  # the stock UNet, before any adapter
+    if lora_rank:
+        names = set(add_lora(unet, lora_rank, float(lora_rank), target=train_method))
+        params = {name: p for name, p in unet.named_parameters() if name in names}
+    else:
+        params = dict(select_parameters(unet, train_method))
+    trainable = sum(p.numel() for p in params.values())
     gib = 2.0 ** 30
-    plan = {"unet_fp32": 4 * count(unet) / gib, "gradients_fp32": 4 * trainable / gib,
-            "adamw_states_fp32": 8 * trainable / gib, "teacher_copy_bf16": 2 * trainable / gib,
-            "text_encoder_and_vae_fp32": 4 * (count(text_encoder) + count(vae)) / gib}
+    teacher_bytes = 2 if precision == "bf16" else 4
+    plan = {"unet_fp32": 4 * count([unet]) / gib, "gradients_fp32": 4 * trainable / gib,
+            "adamw_states_fp32": 8 * trainable / gib,
+            f"teacher_copy_{'bf16' if precision == 'bf16' else 'fp32'}": teacher_bytes * trainable / gib,
+            "text_encoders_fp32": 4 * count(components.text_encoders) / gib,
+            "vae_fp32": 4 * count([components.vae]) / gib}
     plan["total"] = sum(plan.values())
+    plan["text_encoder_and_vae_fp32"] = plan["text_encoders_fp32"] + plan["vae_fp32"]  # the earlier key
+    plan["host_original_master_fp32"] = 4 * trainable / gib if precision == "bf16" else 0.0
+    plan["unet_parameters_M"] = unet_parameters / 1e6
     plan["trainable_parameters_M"] = trainable / 1e6
     return plan
 
