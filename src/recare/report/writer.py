@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from recare.io import atomic_path, write_json_atomic, write_text_atomic
 from recare.metrics.ratio import radar_chart
 from recare.report.compare import check_methods_comparable
-from recare.report.figures import write_grids
+from recare.report.figures import GRID_SEEDS_PER_PROMPT, write_grids
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ def grid_caption(name: str) -> str:
     if name == "CCE generic prompt":
         return ("CCE generic prompt: one row per model, each with the token the attack learned against it; "
                 "the same seeds in every row.")
-    return f"{name}: one row per model, the same prompts and seeds in every row (several seeds per prompt)."
+    return (f"{name}: one row per model; each column one prompt and seed (up to {GRID_SEEDS_PER_PROMPT} seeds "
+            "per prompt), the same in every row.")
 
 
 def markdown_figure(path: str, caption: str, vector: str | None = None) -> list[str]:
