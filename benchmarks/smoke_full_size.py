@@ -28,8 +28,21 @@ Prints a table and writes JSON with --json. A full-size noxattn run needs about 
 master weights, gradients and AdamW moments of 815M parameters plus a teacher copy and activations); on a smaller
 machine `--train-method xattn` exercises the same code paths with a small trainable set.
 
+`--model sdxl`: the SDXL base architecture instead (benchmarks/sdxl_models.build_sdxl_random: UNet 2.57B, both text
+towers, VAE, Euler; two text encoders, the packed conditioning, both encoders' rows in the inversions). Its fp32
+weights alone are 12.9 GiB (UNet 9.6, text encoders 3.05, VAE 0.3), so on a 23 GiB machine neither noxattn (+ 22.6 GiB
+of gradients and AdamW moments + 7.5 GiB teacher copy: `benchmarks/memory_plan.py`) nor xattn (+ 8.1 GiB, 21 GiB
+before activations) fits; `--train-method xattn --lora-rank 4` (a rank-4 LoRA on the cross-attention modules, 3.1M
+trainable parameters: the same Trainer, plus the LoRA path) leaves room for the activations. The trainer phases'
+adapter is removed (`unet.unload_lora()`) before `train` adds its own. SDXL's default 1024 px (128x128 latents)
+makes a step several minutes on a 2-core CPU: `--resolution 512` runs the same architecture on 64x64 latents (time
+ids (512, 512, 0, 0, 512, 512)).
+
     python benchmarks/smoke_full_size.py --threads 1 --json /tmp/smoke.json       # full size, both precisions
+    python benchmarks/smoke_full_size.py --model sdxl --resolution 512 --train-method xattn --lora-rank 4 \
+        --precisions no --threads 1 --json /tmp/smoke-sdxl.json                   # full-size SDXL on 23 GiB
     python benchmarks/smoke_full_size.py --tiny --phases erase generate           # seconds, to check the script
+    python benchmarks/smoke_full_size.py --tiny --model sdxl                      # tiny random SDXL
 """
 
 from __future__ import annotations
@@ -58,6 +71,7 @@ from PIL import Image
 
 from bench_train import build_sd14_random, build_tiny, memory_plan, script_logging, write_images
 from recare.io import write_json_atomic
+from sdxl_models import build_sdxl_random
 
 logger = logging.getLogger("smoke_full_size")
 
@@ -68,6 +82,9 @@ try:
 except ImportError:  # a version without compile support: --compile is then ignored with a warning
     COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 CARE_WORDS = ["person", "woman", "man", "girl", "body", "skin"]
+MODELS = {"sd14": ("SD v1.4 architecture, random weights", build_sd14_random, 512),
+          "sdxl": ("SDXL base architecture, random weights", build_sdxl_random, 1024)}
+"""--model: (name, builder of the full-size random components, default image side in pixels)."""
 
 
 # ----------------------------------------------------------------------------- memory
@@ -197,10 +214,15 @@ class Context:
 
 
 def build_components(ctx: Context) -> None:
-    """The SD components (full size or tiny), at --resolution, and the random target images."""
+    """The components (--model at full size, or tiny SD), at --resolution, and the random target images."""
     args = ctx.args
-    ctx.components = build_tiny(str(ctx.device)) if args.tiny else build_sd14_random(str(ctx.device))
-    if not args.tiny and args.resolution != ctx.components.image_size:
+    if args.tiny:
+        from recare.models.tiny import build_tiny_sdxl
+
+        ctx.components = build_tiny(str(ctx.device)) if args.model == "sd14" else build_tiny_sdxl(0).to(ctx.device)
+    else:
+        ctx.components = MODELS[args.model][1](str(ctx.device))
+    if not args.tiny and args.resolution and args.resolution != ctx.components.image_size:
         if args.resolution % 64:
             raise SystemExit(f"--resolution must be a multiple of 64, got {args.resolution}")
         ctx.components.unet.register_to_config(sample_size=args.resolution // ctx.components.vae_scale_factor)
@@ -219,7 +241,8 @@ def train_config(ctx: Context, placeholder: str):
     elif args.compile:
         logger.warning("TrainConfig has no 'compile' field in this version: --compile %s ignored", args.compile)
     inversion = InversionConfig(steps=steps, resolution=ctx.resolution, mixed_precision=ctx.precision)
-    return TrainConfig(method="recare", train_method=args.train_method, rounds=1, erase_iterations=steps,
+    return TrainConfig(method="recare", train_method=args.train_method, lora_rank=args.lora_rank, rounds=1,
+                       erase_iterations=steps,
                        stage2_iterations=steps, erase_set_tokens=1, stop_range=(1, 1), checkpoint_every=0,
                        mixed_precision=ctx.precision, placeholder_template=placeholder, inversion=inversion, **extra)
 
@@ -273,6 +296,8 @@ def phase_train(ctx: Context) -> dict:
 
     ctx.trainer = None  # its copies of the parameters would sit beside the new run's
     gc.collect()
+    if getattr(ctx.components.unet, "peft_config", None):  # the trainer phases' LoRA adapter: back to stock modules
+        ctx.components.unet.unload_lora()
     out = ctx.workdir / "train-run"
     try:
         result = train(ctx.components, train_config(ctx, "<smoke-e2e-{}>"), out, careset=_careset(),
@@ -427,10 +452,12 @@ def child_main(args: argparse.Namespace) -> int:
 
 def _child_command(args: argparse.Namespace, precision: str, phases: list[str], progress: Path) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", precision, "--progress", str(progress),
-               "--device", args.device, "--resolution", str(args.resolution), "--steps", str(args.steps),
+               "--device", args.device, "--model", args.model, "--resolution", str(args.resolution),
+               "--steps", str(args.steps),
                "--generate-steps", str(args.generate_steps), "--images", str(args.images),
                "--careset-images", str(args.careset_images), "--careset-vocab", str(args.careset_vocab),
-               "--train-method", args.train_method, "--memory-limit-gib", str(args.memory_limit_gib),
+               "--train-method", args.train_method, "--lora-rank", str(args.lora_rank),
+               "--memory-limit-gib", str(args.memory_limit_gib),
                "--phases", *phases]
     if args.workdir:
         command += ["--workdir", args.workdir]
@@ -517,25 +544,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=sorted(PRECISIONS),
                         help="'no' = fp32, 'bf16' = bf16 autocast (bf16 weights for generation and CLIP)")
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES, help="phases to run, in order")
-    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (a multiple of 64)")
+    parser.add_argument("--model", default="sd14", choices=sorted(MODELS),
+                        help="full-size architecture: SD v1.4 or SDXL base (random weights)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side in pixels, a multiple of 64 (default: the model's, 512 SD v1.4, 1024 SDXL)")
     parser.add_argument("--steps", type=int, default=1, help="steps of each training / inversion phase")
     parser.add_argument("--generate-steps", type=int, default=1, help="denoising steps of the generation phase")
     parser.add_argument("--images", type=int, default=1, help="random target images (training slice; CCE held-out)")
     parser.add_argument("--careset-images", type=int, default=4, help="random images of the CARE-set batch")
     parser.add_argument("--careset-vocab", type=int, default=512, help="vocabulary entries of the CARE-set batch")
     parser.add_argument("--train-method", default="noxattn", help="UNet parameters trained (TrainConfig.train_method)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="TrainConfig.lora_rank: train a rank-r LoRA adapter on --train-method's modules (0: none)")
     parser.add_argument("--compile", default=None, choices=COMPILE_MODES,
                         help="TrainConfig.compile, where that field exists (default: 'off')")
     parser.add_argument("--memory-limit-gib", type=float, default=None,
                         help="CPU only: cap each child's new allocations at this many GiB (an allocation past it "
                              "raises); default: available memory minus 1 GiB; 0: no cap")
-    parser.add_argument("--tiny", action="store_true", help="tiny random models instead of full size (a quick check)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random models (of --model's family) instead of full size (a quick check)")
     parser.add_argument("--in-process", action="store_true", help="run the precisions in this process (no children)")
     parser.add_argument("--workdir", default=None, help="folder for temporary files (default: the system's)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows and the setup here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--progress", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.resolution is None:
+        args.resolution = MODELS[args.model][2]
     if args.memory_limit_gib is None:
         available = available_memory_gib()
         args.memory_limit_gib = round(max(available - 1.0, 1.0), 1) if available else 0.0
@@ -549,13 +584,15 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args)
     from recare.provenance import cpu_model
 
-    setup = {"model": "tiny random SD" if args.tiny else "SD v1.4 architecture, random weights",
+    tiny_name = "tiny random SD" if args.model == "sd14" else "tiny random SDXL"
+    setup = {"model": tiny_name if args.tiny else MODELS[args.model][0],
              "device": args.device, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
              "torch": torch.__version__, "resolution": args.resolution, "steps": args.steps,
-             "generate_steps": args.generate_steps, "train_method": args.train_method, "compile": args.compile,
+             "generate_steps": args.generate_steps, "train_method": args.train_method, "lora_rank": args.lora_rank,
+             "compile": args.compile,
              "available_memory_gib": available_memory_gib(), "memory_limit_gib": args.memory_limit_gib}
     if not args.tiny:
-        setup["memory_plan_gib_bf16"] = memory_plan(args.train_method)
+        setup["memory_plan_gib_bf16"] = memory_plan(args.train_method, args.model, args.lora_rank)
     logger.info("smoke: %s", json.dumps(setup))
     start = time.perf_counter()
     rows = []
