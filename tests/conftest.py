@@ -29,6 +29,30 @@ def tiny_sd():
     return build_tiny_sd(seed=0)
 
 
+@pytest.fixture
+def tiny_sdxl():
+    """A fresh tiny random SDXL (two text encoders, text_time conditioning; function scope)."""
+    from recare.models.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(seed=0)
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def tiny_model(request):
+    """A fresh tiny random model of each family: SD 1.x layout, then SDXL layout."""
+    from recare.models.tiny import build_tiny_sd, build_tiny_sdxl
+
+    return build_tiny_sd(seed=0) if request.param == "sd" else build_tiny_sdxl(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny random SDXL saved as a diffusers StableDiffusionXLPipeline folder (read-only for tests)."""
+    from recare.models.tiny import build_tiny_sdxl, save_sd
+
+    return save_sd(build_tiny_sdxl(seed=0), tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny random SD saved as a diffusers pipeline folder (read-only for tests)."""

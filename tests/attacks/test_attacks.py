@@ -27,7 +27,6 @@ from recare.attacks.unlearndiff import (
     UnlearnDiffAtkConfig,
     nearest_tokens,
     optimise_prefix,
-    prefix_override,
     prefixed_input_ids,
     run_unlearndiffatk,
     timestep_grid,
@@ -36,6 +35,7 @@ from recare.errors import RecareError
 from recare.generate.images import GenerationConfig
 from recare.generate.prompts import PromptJob, jobs_for_prompts
 from recare.metrics.detectors.base import Detection
+from recare.models.embeddings import prefix_override
 from recare.train.inversion import InversionConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -130,12 +130,32 @@ def _grads(trainable):
     return {k: p.grad.clone() for k, p in trainable.items() if p.grad is not None}
 
 
-def test_batched_stage2_iteration_equals_unbatched(tiny_sd):
+def reference_condition(components, prompt: str) -> dict:
+    """The UNet keyword arguments of one prompt as the stock diffusers pipeline builds them (independent of
+    recare.models.conditioning): SD: encoder_hidden_states; SDXL: encode_prompt's embeddings, pooled
+    embeddings and time ids, "" as the pipeline's zeroed negative branch."""
+    if components.family == "sd":
+        ids = components.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return {"encoder_hidden_states": components.text_encoder(ids)[0]}
+    pipe = components.pipeline()
+    with torch.no_grad():
+        cond, neg, pooled, neg_pooled = pipe.encode_prompt(prompt or "x", device="cpu", num_images_per_prompt=1,
+                                                           do_classifier_free_guidance=True)
+    if prompt == "":
+        cond, pooled = neg, neg_pooled  # force_zeros_for_empty_prompt: zeros
+        assert not cond.any() and not pooled.any()
+    size = components.image_size
+    return {"encoder_hidden_states": cond, "added_cond_kwargs": {
+        "text_embeds": pooled, "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)}}
+
+
+def test_batched_stage2_iteration_equals_unbatched(tiny_model):
     config = tiny_config(stage2_guidance=2.0, retain_weight=0.7, eta=0.6)
-    trainable, original, teacher_unet = _student_and_teacher(tiny_sd)
-    unet, ddim = tiny_sd.unet, make_ddim_scheduler(tiny_sd.scheduler, 4)
-    prompts = ["", "nudity", "<x1>", "<x2>", "A person", "A photo of woman"]
-    table = PromptEmbeddings(tiny_sd.conditioner())(prompts)
+    trainable, original, teacher_unet = _student_and_teacher(tiny_model)
+    unet, ddim = tiny_model.unet, make_ddim_scheduler(tiny_model.scheduler, 4)
+    prompts = ["", "nudity", "a x1", "a x2", "A person", "A photo of woman"]
+    table = PromptEmbeddings(tiny_model.conditioner())(prompts)
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     t = torch.tensor(750)
     rows = Stage2Rows(uncond=0, erase_set=(1, 2, 3), concept=2, anchor=4, retain=5)
@@ -145,9 +165,12 @@ def test_batched_stage2_iteration_equals_unbatched(tiny_sd):
     batched = _grads(trainable)
     unet.zero_grad(set_to_none=True)
 
-    # Reference: one UNet call per prompt, a separate teacher module, the formulas of recare.losses.
+    # Reference: one UNet call per prompt with the pipeline's own conditioning, a separate teacher module,
+    # the formulas of recare.losses.
+    conditions = [reference_condition(tiny_model, p) for p in prompts]
+
     def eps(model, row):
-        return model(z, t, encoder_hidden_states=table[row:row + 1]).sample
+        return model(z, t, **conditions[row]).sample
 
     with torch.no_grad():
         e_u, e_a, e_r = eps(teacher_unet, 0), eps(teacher_unet, 4), eps(teacher_unet, 5)
@@ -169,19 +192,20 @@ def test_batched_stage2_iteration_equals_unbatched(tiny_sd):
 
 
 @pytest.mark.parametrize("method", ["recare", "esd"])
-def test_batched_stage1_iteration_equals_unbatched(tiny_sd, method):
+def test_batched_stage1_iteration_equals_unbatched(tiny_model, method):
     config = tiny_config(method=method, negative_guidance=2.0, eta=0.5)
-    _, original, teacher_unet = _student_and_teacher(tiny_sd, "xattn")
-    unet, ddim = tiny_sd.unet, make_ddim_scheduler(tiny_sd.scheduler, 4)
-    emb = PromptEmbeddings(tiny_sd.conditioner())(["nudity", ""])
+    _, original, teacher_unet = _student_and_teacher(tiny_model, "xattn")
+    unet, ddim = tiny_model.unet, make_ddim_scheduler(tiny_model.scheduler, 4)
+    emb = PromptEmbeddings(tiny_model.conditioner())(["nudity", ""])
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     t = torch.tensor(500)
     loss = stage1_loss(unet, original, ddim, z, t, emb[:1], emb[1:], config)
+    concept, empty = reference_condition(tiny_model, "nudity"), reference_condition(tiny_model, "")
     with torch.no_grad():
-        e_c = teacher_unet(z, t, encoder_hidden_states=emb[:1]).sample
-        e_u = teacher_unet(z, t, encoder_hidden_states=emb[1:]).sample
+        e_c = teacher_unet(z, t, **concept).sample
+        e_u = teacher_unet(z, t, **empty).sample
     target = esd_target(e_c, e_c, e_u, 2.0) if method == "esd" else stage1_erase_target(e_c, e_u, 2.0, 0.5)
-    reference = torch.mean((unet(z, t, encoder_hidden_states=emb[:1]).sample - target) ** 2)
+    reference = torch.mean((unet(z, t, **concept).sample - target) ** 2)
     torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-9)
 
 

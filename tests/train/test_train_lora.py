@@ -168,7 +168,7 @@ def lora_run(tiny_sd_dir, images, careset, tmp_path_factory):
         result = train(components, lora_config(), out, careset=careset, images=images, progress=False)
     assert result.complete
     return {"out": out, "unet": components.unet, "original": original, "base": base, "seen": seen,
-            "emb": PromptEmbeddings(components.tokenizer, components.text_encoder, torch.device("cpu"))(["nudity"])}
+            "emb": PromptEmbeddings(components.conditioner())(["nudity"])}
 
 
 def test_unet_output_is_a_stock_unet_with_the_adapter_merged(lora_run, tiny_sd_dir):

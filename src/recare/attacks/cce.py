@@ -33,7 +33,7 @@ from recare.errors import RecareError
 from recare.generate.images import GenerationConfig, generate_images
 from recare.generate.prompts import DEFAULT_SEED, PromptJob
 from recare.io import file_sha256, json_ready, read_json, write_json_atomic
-from recare.models.checkpoints import load_learned_embeddings
+from recare.models.checkpoints import load_learned_embeddings, read_learned_embeddings
 from recare.models.loading import SDComponents
 from recare.train.inversion import InversionConfig, train_textual_inversion
 
@@ -111,7 +111,7 @@ def learn_cce_token(components: SDComponents, images: Sequence[str | os.PathLike
     `images` must be held out from training (check with `check_held_out`).
     The token and its settings are written to out_dir/cce_token.safetensors (+ .json). A later
     call with the same model, images and inversion settings loads it instead of training again.
-    The token is added to components.tokenizer / text_encoder either way.
+    The token is added to the components' tokenizer(s) / text encoder(s) either way.
     """
     paths = [Path(p) for p in images]
     out_dir = Path(out_dir)
@@ -138,16 +138,17 @@ def _tensor_sha256(tensor: torch.Tensor) -> str:
 
 def _reuse_cce_token(components: SDComponents, file: Path, meta: dict[str, Any], paths: Sequence[Path]) -> CceToken:
     """Add a saved CCE token to the components (or check the one already there)."""
-    from safetensors.torch import load_file
-
     token = meta["token"]
-    saved = load_file(str(file))[token]
+    conditioner = components.conditioner()
+    saved = read_learned_embeddings(file, conditioner.row_widths).get(token)
+    if saved is None:
+        raise RecareError(f"{file} does not hold the CCE token {token!r} its metadata names")
     if token in components.tokenizer.get_vocab():
-        row = components.text_encoder.get_input_embeddings().weight[components.tokenizer.convert_tokens_to_ids(token)]
-        if not torch.equal(row.detach().cpu(), saved.reshape(-1).to(row.dtype)):
+        row = conditioner.token_row(components.tokenizer.convert_tokens_to_ids(token))
+        if not torch.equal(row.detach().cpu(), saved.to(row.dtype)):
             raise RecareError(f"token {token!r} already exists in the model with another embedding than {file}")
     else:
-        load_learned_embeddings(components.tokenizer, components.text_encoder, file)
+        load_learned_embeddings(conditioner, file)
     logger.info("CCE: reusing the learned token %r from %s", token, file)
     return CceToken(token, meta["embedding_sha256"], str(file), tuple(str(p) for p in paths), None)
 

@@ -37,7 +37,7 @@ from recare.generate.images import GenerationConfig, generate_images
 from recare.generate.prompts import PromptJob
 from recare.generate.sharding import ShardInfo, barrier, broadcast_object
 from recare.io import json_ready, load_image_rgb, read_json, write_json_atomic
-from recare.models.embeddings import prefix_override
+from recare.models.conditioning import unet_condition
 from recare.models.loading import SDComponents
 from recare.train.guidance import to_epsilon
 from recare.train.inversion import frozen, images_to_pixels
@@ -64,7 +64,8 @@ class UnlearnDiffAtkConfig:
     What is optimised: the k prefix token EMBEDDINGS (continuous (k, dim) rows that replace the
     input embeddings at positions 1..k of the prompt), with AdamW. The images are generated
     from the PROJECTED text: each row's nearest vocabulary entry (Euclidean distance in the
-    token-embedding table, over the base vocabulary without special or added tokens), decoded
+    token-embedding table, over the base vocabulary without special or added tokens; SDXL: the rows of
+    both text encoders side by side, one token id for both), decoded
     and put in front of the prompt. Both the projected ids/text and the continuous loss are
     reported. The reference code instead optimises a relaxed one-hot distribution over the
     vocabulary per position (projected onto the simplex after every Adam step, with coupled L2
@@ -160,11 +161,6 @@ def prefixed_input_ids(tokenizer: Any, prompt: str, prefix_ids: Sequence[int]) -
     return torch.tensor([ids + [pad] * (max_len - len(ids))])
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
-    return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids
-
-
 @torch.no_grad()
 def encode_x0(components: SDComponents, image: Image.Image, device: torch.device) -> torch.Tensor:
     """(1, c, h, w) scaled posterior MEAN latent of an image at the model's resolution (the reference's img2latent)."""
@@ -191,16 +187,16 @@ def optimise_prefix(attacked: SDComponents, original: SDComponents, prompt: str,
 
     device = torch.device(device) if device is not None else attacked.unet.device
     k = config.num_prefix_tokens
-    tokenizer, encoder = attacked.tokenizer, attacked.text_encoder
-    table = encoder.get_input_embeddings().weight
+    attacked_text, original_text = attacked.conditioner(), original.conditioner()
+    tokenizer, table = attacked_text.tokenizer, attacked_text.embedding_table()  # (V, dim); SDXL: both encoders'
     allowed = projection_vocabulary(tokenizer)
     init = allowed[torch.randint(len(allowed), (k,), generator=generator, device=generator.device).cpu()]
     rows = table[init.to(table.device)].detach().float().clone().requires_grad_(True)  # (k, dim)
     optimizer = torch.optim.AdamW([rows], lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = DDPMScheduler.from_config(attacked.scheduler.config)
     grid = timestep_grid(schedule.config.num_train_timesteps, config.timestep_grid)
-    adv_ids = prefixed_input_ids(tokenizer, prompt, init.tolist()).to(device)
-    plain_ids = _prompt_ids(original.tokenizer, prompt).to(device)
+    adv_ids = tuple(prefixed_input_ids(t, prompt, init.tolist()).to(device) for t in attacked_text.tokenizers)
+    plain_ids = original_text.token_ids([prompt])
     x0 = x0.to(device)
     if config.procedure == "authors":
         if judge is None:
@@ -211,18 +207,19 @@ def optimise_prefix(attacked: SDComponents, original: SDComponents, prompt: str,
         attack = _prefix_of_ids(tokenizer, found.prefix_ids, prompt, found.losses, init.tolist(), rows)
         return replace(attack, procedure="authors", blocks=tuple(found.blocks))
     losses = []
-    with frozen(attacked.unet, encoder, original.unet, original.text_encoder):
+    with frozen(attacked.unet, *attacked.text_encoders, original.unet, *original.text_encoders):
         with torch.no_grad():
-            plain_hidden = original.text_encoder(plain_ids)[0]  # (1, seq, dim)
+            plain_hidden = original_text.encode_ids(plain_ids)  # (1, seq, dim) packed conditioning
         for _ in range(config.iterations):
             t = torch.tensor([grid[int(torch.randint(len(grid), (1,), generator=generator, device=generator.device))]],
                              device=device)
             noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
             x_t = schedule.add_noise(x0, noise, t)
             target = noise if config.target == "noise" else _original_eps(original, schedule, x_t, t, plain_hidden)
-            with prefix_override(encoder, rows):
-                hidden = encoder(adv_ids)[0]
-            out = attacked.unet(x_t.to(attacked.unet.dtype), t, hidden.to(attacked.unet.dtype)).sample
+            with attacked_text.prefix_override(rows):
+                hidden = attacked_text.encode_ids(adv_ids)
+            out = attacked.unet(x_t.to(attacked.unet.dtype), t, **unet_condition(attacked.unet, hidden,
+                                                                                   attacked.unet.dtype)).sample
             loss = F.mse_loss(to_epsilon(out.float(), x_t, t, schedule), target.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -234,7 +231,8 @@ def optimise_prefix(attacked: SDComponents, original: SDComponents, prompt: str,
 @torch.no_grad()
 def _original_eps(original: SDComponents, schedule: Any, x_t: torch.Tensor, t: torch.Tensor,
                   hidden: torch.Tensor) -> torch.Tensor:
-    out = original.unet(x_t.to(original.unet.dtype), t, hidden.to(original.unet.dtype)).sample
+    out = original.unet(x_t.to(original.unet.dtype), t, **unet_condition(original.unet, hidden,
+                                                                          original.unet.dtype)).sample
     return to_epsilon(out.float(), x_t, t, schedule)
 
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from recare.models.embeddings import prefix_override
+from recare.models.conditioning import PromptConditioner, unet_condition
 from recare.models.loading import SDComponents
 from recare.train.guidance import to_epsilon
 from recare.train.inversion import frozen
@@ -85,30 +85,30 @@ def search_prefix(attacked: SDComponents, original: SDComponents, adv_ids: torch
                   decode: Callable[[list[int]], str]) -> SearchResult:
     """The authors' sequential search for one prompt (module docstring).
 
-    adv_ids: (1, L) ids with k placeholder slots after BOS; plain_ids: (1, L) ids of the plain
-    prompt (for the 'original' target); allowed: (V,) vocabulary ids a prefix may use;
+    adv_ids: per tokenizer, (1, L) ids with k placeholder slots after BOS; plain_ids: per tokenizer,
+    (1, L) ids of the plain prompt (for the 'original' target); allowed: (V,) vocabulary ids a prefix may use;
     decode(ids) -> the attacked prompt of prefix ids.
     """
     k = config.num_prefix_tokens
-    encoder = attacked.text_encoder
-    table = encoder.get_input_embeddings().weight
-    vocabulary = table[allowed.to(table.device)].detach().float()  # (V, dim)
+    attacked_text = attacked.conditioner()
+    table = attacked_text.embedding_table()  # (vocabulary, dim); SDXL: both encoders' rows side by side
+    vocabulary = table[allowed.to(table.device)].float()  # (V, dim)
     probabilities = torch.full((k, len(allowed)), 1.0 / len(allowed), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([probabilities], lr=config.learning_rate, weight_decay=config.weight_decay)
     losses: list[float] = []
     blocks: list[dict[str, Any]] = []
     ids: list[int] = []
-    with frozen(attacked.unet, encoder, original.unet, original.text_encoder):
+    with frozen(attacked.unet, *attacked.text_encoders, original.unet, *original.text_encoders):
         with torch.no_grad():
-            plain_hidden = original.text_encoder(plain_ids)[0]
+            plain_hidden = original.conditioner().encode_ids(plain_ids)  # packed conditioning
         for block, timestep in enumerate(grid):
             t = torch.tensor([timestep], device=device)
             block_losses = []
             for _ in range(config.iterations):
                 one_hot = _SampleStraightThrough.apply(probabilities, generator)
                 rows = one_hot @ vocabulary  # (k, dim)
-                loss = _prefix_loss(attacked, original, schedule, adv_ids, plain_hidden, x0, rows, t, config,
-                                    generator)
+                loss = _prefix_loss(attacked, attacked_text, original, schedule, adv_ids, plain_hidden, x0, rows,
+                                    t, config, generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -125,9 +125,9 @@ def search_prefix(attacked: SDComponents, original: SDComponents, adv_ids: torch
     return SearchResult(ids, losses, blocks, bool(blocks and blocks[-1]["detected"]))
 
 
-def _prefix_loss(attacked: SDComponents, original: SDComponents, schedule: Any, adv_ids: torch.Tensor,
-                 plain_hidden: torch.Tensor, x0: torch.Tensor, rows: torch.Tensor, t: torch.Tensor, config: Any,
-                 generator: torch.Generator) -> torch.Tensor:
+def _prefix_loss(attacked: SDComponents, attacked_text: PromptConditioner, original: SDComponents, schedule: Any,
+                 adv_ids: Sequence[torch.Tensor], plain_hidden: torch.Tensor, x0: torch.Tensor, rows: torch.Tensor,
+                 t: torch.Tensor, config: Any, generator: torch.Generator) -> torch.Tensor:
     """MSE between the attacked model's eps for [prefix rows] + prompt at x_t and the target."""
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
     x_t = schedule.add_noise(x0, noise, t)
@@ -135,9 +135,11 @@ def _prefix_loss(attacked: SDComponents, original: SDComponents, schedule: Any, 
         target = noise
     else:
         with torch.no_grad():
-            out = original.unet(x_t.to(original.unet.dtype), t, plain_hidden.to(original.unet.dtype)).sample
+            out = original.unet(x_t.to(original.unet.dtype), t,
+                                **unet_condition(original.unet, plain_hidden, original.unet.dtype)).sample
             target = to_epsilon(out.float(), x_t, t, schedule)
-    with prefix_override(attacked.text_encoder, rows):
-        hidden = attacked.text_encoder(adv_ids)[0]
-    out = attacked.unet(x_t.to(attacked.unet.dtype), t, hidden.to(attacked.unet.dtype)).sample
+    with attacked_text.prefix_override(rows):
+        hidden = attacked_text.encode_ids(adv_ids)
+    out = attacked.unet(x_t.to(attacked.unet.dtype), t, **unet_condition(attacked.unet, hidden,
+                                                                           attacked.unet.dtype)).sample
     return F.mse_loss(to_epsilon(out.float(), x_t, t, schedule), target.float())

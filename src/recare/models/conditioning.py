@@ -51,7 +51,8 @@ def is_sdxl_unet(unet: Any) -> bool:
 
 def pooled_width(unet: Any) -> int:
     """Width of SDXL's text_embeds: the add-embedding input minus the time ids' embedding (from the config)."""
-    return int(unet.config.projection_class_embeddings_input_dim) - N_TIME_IDS * int(unet.config.addition_time_embed_dim)
+    config = unet.config
+    return int(config.projection_class_embeddings_input_dim) - N_TIME_IDS * int(config.addition_time_embed_dim)
 
 
 def unet_condition(unet: Any, packed: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, Any]:
@@ -172,10 +173,10 @@ class PromptConditioner:
                 table = encoder.get_input_embeddings().weight
                 table[token_id] = part.to(table.device, table.dtype)
 
-    def vocabulary_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """(len(ids), sum(row_widths)) concatenated rows of vocabulary entries."""
-        tables = [e.get_input_embeddings().weight for e in self.text_encoders]
-        return torch.cat([t[ids.to(t.device)].to(tables[0].device) for t in tables], dim=-1)
+    def embedding_table(self) -> torch.Tensor:
+        """(vocabulary, sum(row_widths)): the token-embedding tables side by side, detached (SD: the table itself)."""
+        tables = [e.get_input_embeddings().weight.detach() for e in self.text_encoders]
+        return tables[0] if len(tables) == 1 else torch.cat([t.to(tables[0].device) for t in tables], dim=-1)
 
     def add_placeholder(self, placeholder: str, initializer: str, mode: str = "word") -> tuple[int, int]:
         """Add a new token to every tokenizer/encoder pair (recare.models.embeddings.add_placeholder_token);

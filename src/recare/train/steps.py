@@ -50,7 +50,12 @@ def balanced_schedule(items: Sequence[Any], n: int, generator: torch.Generator) 
 
 
 class PromptEmbeddings:
-    """Packed prompt conditionings (recare.models.conditioning), computed once per prompt."""
+    """Packed prompt conditionings (recare.models.conditioning), computed once per prompt.
+
+    Each prompt is encoded ALONE: a prompt's conditioning then never depends on which other prompts
+    were missing from the cache at the time (a linear layer on one row and on several rows may round
+    differently, e.g. SDXL's pooled projection), so a resumed run rebuilds exactly the same table.
+    """
 
     def __init__(self, conditioner: PromptConditioner):
         self.conditioner = conditioner
@@ -58,9 +63,8 @@ class PromptEmbeddings:
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         """(len(prompts), L, D) float32 conditionings on the encoders' device (SDXL: L + 1 rows)."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing:
-            self._cache.update(zip(missing, self.conditioner.encode(missing).split(1)))
+        for prompt in dict.fromkeys(p for p in prompts if p not in self._cache):
+            self._cache[prompt] = self.conditioner.encode([prompt])
         return torch.cat([self._cache[p] for p in prompts])
 
 

@@ -1,0 +1,191 @@
+"""Every stage on a tiny RANDOM SDXL through the CLI: training (ESD, STEREO, ReCARE, LoRA), resume,
+generation, the attacks; outputs load into stock diffusers SDXL classes and generate.
+
+The tiny SDXL (recare.models.tiny.build_tiny_sdxl) has SDXL's layout (two text encoders, penultimate
+hidden states, pooled text_embeds, six time ids, Euler scheduler) with tiny widths; numbers mean nothing.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from recare.careset.artifact import CareSet
+from recare.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY_TRAIN = """
+[train]
+erase_iterations = 2
+rounds = 2
+stage2_iterations = 2
+ddim_steps = 4
+stop_range = [1, 3]
+checkpoint_every = 1
+
+[train.inversion]
+steps = 2
+resolution = 32
+
+[train.esd]
+train_method = "xattn"
+"""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl-cli")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:05d}.png")
+    CareSet.from_words("nudity", ["person", "woman", "man"], concept_type="nudity").save(root / "careset.json")
+    (root / "tiny.toml").write_text(TINY_TRAIN)
+    return root
+
+
+def _train_args(inputs, model_dir, method, out, *extra):
+    return ["train", "--method", method, "--model", str(model_dir), "--concept", "nudity",
+            "--careset", str(inputs / "careset.json"), "--images", str(inputs / "images"), "--out", str(out),
+            "--config", str(inputs / "tiny.toml"), "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(inputs, tiny_sdxl_dir):
+    outs = {}
+    for method in ("esd", "stereo", "recare"):
+        outs[method] = inputs / f"out-{method}"
+        assert main(_train_args(inputs, tiny_sdxl_dir, method, outs[method])) == 0
+    return outs
+
+
+def _stock_pipeline(model_dir, unet=None):
+    from diffusers import StableDiffusionXLPipeline
+
+    kw = {"unet": unet} if unet is not None else {}
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_sdxl_embedding(pipe, path):
+    """As diffusers documents for SDXL embeddings: clip_l into text_encoder, clip_g into text_encoder_2."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        token = handle.metadata()["token"]
+    state = load_file(path)
+    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    return token, state
+
+
+def test_each_method_trains_on_sdxl(trained):
+    for method, out in trained.items():
+        run = json.loads((out / "run.json").read_text())
+        assert run["status"] == "complete" and run["identity"]["config"]["method"] == method
+        losses = [line.split(",") for line in (out / "losses.csv").read_text().splitlines()[1:]]
+        assert losses and all(np.isfinite(float(row[3])) for row in losses)
+        embeds = sorted(p.name for p in out.glob("learned_embeds-*.safetensors"))
+        assert embeds == ([] if method == "esd" else ["learned_embeds-1.safetensors", "learned_embeds-2.safetensors"])
+
+
+def test_sdxl_outputs_load_into_stock_diffusers_and_generate(trained, tiny_sdxl_dir):
+    from diffusers import UNet2DConditionModel
+
+    out = trained["recare"]
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.load_state_dict(load_file(out / "unet.safetensors"), strict=True)
+    assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    pipe = _stock_pipeline(tiny_sdxl_dir, unet)
+    for k in (1, 2):
+        token, state = _load_sdxl_embedding(pipe, out / f"learned_embeds-{k}.safetensors")
+        assert token == f"<recare-{k}>"
+        assert state["clip_l"].shape == (1, 32) and state["clip_g"].shape == (1, 32)
+        token_id = pipe.tokenizer.convert_tokens_to_ids(token)
+        assert token_id == pipe.tokenizer_2.convert_tokens_to_ids(token)
+        assert torch.equal(pipe.text_encoder_2.get_input_embeddings().weight[token_id], state["clip_g"][0])
+    image = pipe("a photo of <recare-1>", num_inference_steps=2, height=32, width=32,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_sdxl_resume_is_bit_identical(inputs, tiny_sdxl_dir, trained, tmp_path):
+    out = tmp_path / "recare"
+    assert main(_train_args(inputs, tiny_sdxl_dir, "recare", out, "--max-steps-this-run", "3")) == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "stopped"
+    assert main(_train_args(inputs, tiny_sdxl_dir, "recare", out, "--resume")) == 0
+    a, b = load_file(trained["recare"] / "unet.safetensors"), load_file(out / "unet.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for k in (1, 2):
+        name = f"learned_embeds-{k}.safetensors"
+        x, y = load_file(trained["recare"] / name), load_file(out / name)
+        assert all(torch.equal(x[key], y[key]) for key in ("clip_l", "clip_g"))
+
+
+def test_sdxl_shared_stage1(inputs, tiny_sdxl_dir, trained, tmp_path):
+    out = tmp_path / "recare"
+    assert main(_train_args(inputs, tiny_sdxl_dir, "recare", out, "--stage1-from", str(trained["stereo"]))) == 0
+    a, b = load_file(trained["recare"] / "unet.safetensors"), load_file(out / "unet.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sdxl_lora_loads_with_load_lora_weights(inputs, tiny_sdxl_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "lora"
+    assert main(_train_args(inputs, tiny_sdxl_dir, "esd", out, "--lora-rank", "2")) == 0
+    merged = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    merged.load_state_dict(load_file(out / "unet.safetensors"), strict=True)
+    pipe = _stock_pipeline(tiny_sdxl_dir)
+    base = _stock_pipeline(tiny_sdxl_dir)
+    pipe.load_lora_weights(str(out), weight_name="lora.safetensors")
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = {"encoder_hidden_states": torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(1)),
+          "added_cond_kwargs": {"text_embeds": torch.randn(1, 32, generator=torch.Generator().manual_seed(2)),
+                                "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}}
+    with torch.no_grad():
+        adapted, reference, untouched = (m(z, 500, **kw).sample for m in (pipe.unet, merged, base.unet))
+    torch.testing.assert_close(adapted, reference, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(adapted, untouched, atol=1e-5)  # the adapter changed the prediction
+
+
+def test_sdxl_generate_through_the_cli(tiny_sdxl_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red bus\n")
+    out = tmp_path / "images"
+    assert main(["generate", "--model", str(tiny_sdxl_dir), "--prompts", str(prompts), "--num-images", "1",
+                 "--out", str(out), "--steps", "2", "--device", "cpu"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["images"]) == 2
+    image = Image.open(out / manifest["images"][0]["file"])
+    assert image.size == (32, 32)  # the model's own size: 16 latent cells x 2
+
+
+def test_sdxl_attacks_through_the_cli(trained, tiny_sdxl_dir, tiny_clip_dir, inputs, tmp_path):
+    bench = tmp_path / "bench.csv"
+    bench.write_text("case_number,prompt,evaluation_seed\n0,a nude person on a beach,11\n")
+    common = ["eval", "robustness", "--model", str(tiny_sdxl_dir), "--unet-weights",
+              str(trained["recare"] / "unet.safetensors"), "--device", "cpu", "--prompts", str(bench),
+              "--detector", "clip", "--detector-clip-model", str(tiny_clip_dir), "--concept-prompts", "a nude person",
+              "--contrast-prompts", "a clothed person", "--steps", "2"]
+    cce = tmp_path / "cce.json"
+    assert main([*common, "--attack", "cce", "--cce-images", str(inputs / "images"), "--inversion-steps", "2",
+                 "--inversion-resolution", "32", "--cce-num-images", "2", "--out", str(cce)]) == 0
+    result = json.loads(cce.read_text())
+    assert result["robustness"]["cce"]["n"] == 2 if "robustness" in result else True
+    token_file = next(tmp_path.glob("cce_images/**/cce_token.safetensors"))
+    assert set(load_file(token_file)) == {"clip_l", "clip_g"}
+    for procedure in ("single-block", "authors"):
+        uda = tmp_path / f"uda-{procedure}.json"
+        assert main([*common, "--attack", "unlearndiffatk", "--uda-procedure", procedure, "--uda-iterations", "2",
+                     "--uda-timestep-grid", "2", "--uda-attack-detected", "--out", str(uda)]) == 0
+        text = uda.read_text()
+        assert "attacked_prompt" in text and "a nude person on a beach" in text
