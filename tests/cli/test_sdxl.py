@@ -189,3 +189,22 @@ def test_sdxl_attacks_through_the_cli(trained, tiny_sdxl_dir, tiny_clip_dir, inp
                      "--uda-timestep-grid", "2", "--uda-attack-detected", "--out", str(uda)]) == 0
         text = uda.read_text()
         assert "attacked_prompt" in text and "a nude person on a beach" in text
+
+
+def test_sdxl_export_loads_in_the_stock_xl_pipeline(trained, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "export"
+    assert main(["export", str(trained["recare"]), "--out", str(folder)]) == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    exported = pipe.unet.state_dict()
+    erased = load_file(trained["recare"] / "unet.safetensors")
+    assert all(torch.equal(exported[k], erased[k]) for k in erased)
+    image = pipe("a person", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.recare["model_family"] == "sdxl" and "stable-diffusion-xl" in card.data.tags
+    assert "StableDiffusionXLPipeline.from_pretrained" in card.text

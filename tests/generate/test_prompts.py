@@ -145,5 +145,6 @@ def test_shipped_configs_by_name():
 
     spec = RunSpec.from_tables(read_toml("nudity"))
     assert spec.reference_word == "nudity"
-    with pytest.raises(RecareError, match=r"shipped configs are \['nudity', 'tench', 'vangogh'\]"):
+    with pytest.raises(RecareError, match=r"shipped configs are \['nudity', 'sdxl-nudity', 'sdxl-vangogh', 'tench', "
+                                          r"'vangogh'\]"):
         read_toml("nudityy")

@@ -90,6 +90,22 @@ def test_shipped_configs():
     assert (tench.concept, tench.method, tench.inversion.templates) == ("tench", "stereo", "object")
 
 
+@pytest.mark.parametrize("name, concept, esd_mode", [("sdxl-nudity", "nudity", "noxattn"),
+                                                     ("sdxl-vangogh", "Van Gogh", "xattn")])
+def test_shipped_sdxl_configs(name, concept, esd_mode):
+    """The SDXL configs name SDXL base, train at its native 1024 px and say which values are recare's choice."""
+    from recare.pipeline import RunSpec
+    from recare.train.config import read_toml
+
+    spec = RunSpec.from_tables(read_toml(name))
+    assert spec.model == "stabilityai/stable-diffusion-xl-base-1.0" and spec.reference_word == concept
+    config = config_from_toml(CONFIGS / f"{name}.toml")
+    assert config.inversion.resolution == 1024 and config.concept == concept
+    assert config_from_toml(CONFIGS / f"{name}.toml", {"method": "esd"}).train_method == esd_mode
+    text = (CONFIGS / f"{name}.toml").read_text()
+    assert "NO SDXL experiments" in text and text.count("recare's choice") >= 4
+
+
 # ----------------------------------------------------------------------------- schedule
 
 

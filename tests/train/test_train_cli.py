@@ -150,9 +150,11 @@ def test_bad_input_errors(inputs, tiny_sd_dir, trained, tmp_path, capsys, cli_er
     assert "no concept" in cli_error([a for a in args if a not in ("--concept", "nudity")])
 
 
-def test_run_pipeline_from_one_toml(inputs, tiny_sd_dir, tiny_clip_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model_dir", ["tiny_sd_dir", "tiny_sdxl_dir"])
+def test_run_pipeline_from_one_toml(inputs, model_dir, tiny_clip_dir, tmp_path, monkeypatch, request):
     from recare.careset import vocab
 
+    tiny_sd_dir = request.getfixturevalue(model_dir)  # SD 1.x layout, then SDXL
     words = ["person", "woman", "man", "tree", "sky", "river", "cat", "dog", "night", "star", "red", "sun"]
     monkeypatch.setattr(vocab, "vocabulary_entries",
                         lambda tokenizer, mode="word": (list(words), [w + "</w>" for w in words], list(words)))

@@ -1,6 +1,7 @@
 """`recare export`: a finished training run as a Hugging Face model folder with a model card.
 
-The folder is what `StableDiffusionPipeline.from_pretrained(folder)` loads directly: the base
+The folder is what `StableDiffusionPipeline.from_pretrained(folder)` (SDXL: `StableDiffusionXLPipeline`) loads
+directly: the base
 model's components with the erased UNet (safety checker off, as recare generates). Beside the
 pipeline: README.md, a model card (huggingface_hub's ModelCard: YAML metadata + text) with the
 base model, method, concept, CARE-set words, training settings and, given a results.json of
@@ -28,7 +29,9 @@ KNOWN_LICENSES = {"CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
                   "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
                   "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
                   "stabilityai/stable-diffusion-2-1": "openrail++",
-                  "stabilityai/stable-diffusion-2-1-base": "openrail++"}
+                  "stabilityai/stable-diffusion-2-1-base": "openrail++",
+                  "stabilityai/stable-diffusion-xl-base-1.0": "openrail++"}
+PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 RUN_EXTRAS = ("run.json", "losses.csv", "losses.png", "losses.svg", "lora.safetensors")
 
 
@@ -54,15 +57,18 @@ def method_results(results: Mapping[str, Any], run_dir: Path) -> dict[str, Any] 
     return None
 
 
-def card_metadata(run: Mapping[str, Any], base_model: str, license_id: str, note: str | None) -> dict[str, Any]:
+def card_metadata(run: Mapping[str, Any], base_model: str, license_id: str, note: str | None,
+                  family: str = "sd") -> dict[str, Any]:
     """The model card's YAML metadata (Hub conventions: base_model, license, library_name, tags, ...)."""
     config = run["identity"]["config"]
-    tags = ["text-to-image", "stable-diffusion", "concept-erasure", "recare", config["method"]]
+    tags = ["text-to-image", "stable-diffusion", *(["stable-diffusion-xl"] if family == "sdxl" else []),
+            "concept-erasure", "recare", config["method"]]
     if note is not None:
         tags.append("synthetic-world")
     metadata = {"base_model": base_model, "license": license_id, "library_name": "diffusers",
                 "pipeline_tag": "text-to-image", "tags": tags,
                 "recare": {"method": config["method"], "concept": config["concept"], "seed": config["seed"],
+                           "model_family": family,
                            "learned_tokens": run.get("learned_tokens", [])}}
     if Path(base_model).exists() or not is_hub_id(base_model):
         metadata.pop("base_model")  # the Hub validates base_model as a repo id
@@ -70,7 +76,7 @@ def card_metadata(run: Mapping[str, Any], base_model: str, license_id: str, note
 
 
 def card_text(run: Mapping[str, Any], base_model: str, careset_words: list[str] | None, evaluation: dict | None,
-              note: str | None, version: str) -> str:
+              note: str | None, version: str, family: str = "sd") -> str:
     """The model card's Markdown body."""
     config = run["identity"]["config"]
     shown = Path(base_model).name if Path(base_model).is_absolute() else base_model  # no path of this machine
@@ -78,10 +84,10 @@ def card_text(run: Mapping[str, Any], base_model: str, careset_words: list[str] 
     if note is not None:
         lines += [f"> **{note}**", ""]
     lines += [f"Concept erasure with recare {version} (\"Co-occurring Associated REtained concepts in Diffusion "
-              "Unlearning\", ICLR 2026). The UNet is erased; tokenizer, text encoder, VAE and scheduler are the "
+              "Unlearning\", ICLR 2026). The UNet is erased; tokenizer(s), text encoder(s), VAE and scheduler are the "
               "base model's. The safety checker is off.", "",
-              "```python", "from diffusers import StableDiffusionPipeline", "",
-              "pipe = StableDiffusionPipeline.from_pretrained(\"PATH_OR_REPO\")",
+              "```python", f"from diffusers import {PIPELINE_CLASSES[family]}", "",
+              f"pipe = {PIPELINE_CLASSES[family]}.from_pretrained(\"PATH_OR_REPO\")",
               f"image = pipe(\"{config['concept']}\").images[0]", "```", "",
               "## Training", "", "| setting | value |", "|---|---|"]
     for key in ("method", "concept", "train_method", "lora_rank", "rounds", "erase_iterations", "erase_lr",
@@ -146,8 +152,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, load_sd: 
         if note is not None:
             shutil.copyfile(Path(base_model) / MODEL_NOTE_FILE, staging / MODEL_NOTE_FILE)
         _copy_run_files(run, run_dir, staging / "recare")
-        card = ModelCard(_card_content(card_metadata(run, base_model, license_id, note),
-                                       card_text(run, base_model, careset_words, evaluation, note, __version__)))
+        family = components.family
+        card = ModelCard(_card_content(card_metadata(run, base_model, license_id, note, family),
+                                       card_text(run, base_model, careset_words, evaluation, note, __version__,
+                                                 family)))
         write_text_atomic(staging / "README.md", str(card))
         if out_dir.exists():
             shutil.rmtree(out_dir)
