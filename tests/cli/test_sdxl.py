@@ -208,3 +208,15 @@ def test_sdxl_export_loads_in_the_stock_xl_pipeline(trained, tmp_path):
     card = ModelCard.load(folder / "README.md")
     assert card.data.recare["model_family"] == "sdxl" and "stable-diffusion-xl" in card.data.tags
     assert "StableDiffusionXLPipeline.from_pretrained" in card.text
+
+
+def test_sdxl_care_score_through_the_cli(trained, tiny_sdxl_dir, tiny_clip_dir, tmp_path):
+    prompts = tmp_path / "care_prompts.txt"
+    prompts.write_text("A photo of a person\nA person riding a bicycle\n")
+    report = tmp_path / "care.json"
+    assert main(["eval", "care", "--model", str(tiny_sdxl_dir), "--unet-weights",
+                 str(trained["recare"] / "unet.safetensors"), "--clip-model", str(tiny_clip_dir),
+                 "--care-word", "person", "--prompts", str(prompts), "--images-per-prompt", "2", "--steps", "2",
+                 "--device", "cpu", "--out", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["settings"]["sd_model"]["family"] == "sdxl" and 0 <= result["score"] <= 1 and result["n"] == 4

@@ -48,7 +48,7 @@ def run_plain_attack(components: SDComponents, jobs: Sequence[PromptJob], detect
 
 
 def model_block(components: SDComponents, model_info: dict[str, Any] | None) -> dict[str, Any]:
-    return {"source": components.source, "revision": components.revision,
+    return {"source": components.source, "revision": components.revision, "family": components.family,
             "dtype": str(components.unet.dtype).removeprefix("torch."), **(model_info or {})}
 
 

@@ -283,7 +283,8 @@ def evaluate_care_score(
         images = [load_image_rgb(path) for path in paths]
     settings = {"care_score": _config_json(config),
                 "sd_model": {"source": components.source, "revision": components.revision,
-                             "dtype": str(components.unet.dtype).removeprefix("torch."), **(model_info or {})},
+                             "family": components.family, "dtype": str(components.unet.dtype).removeprefix("torch."),
+                             **(model_info or {})},
                 "generator_device": torch.device(device).type if device is not None else components.unet.device.type,
                 "image_dir": str(image_dir) if image_dir is not None else None}
     return score_care_images(clip, images, [job.prompt for job in jobs], care_word, labels,
