@@ -220,3 +220,31 @@ def test_sdxl_care_score_through_the_cli(trained, tiny_sdxl_dir, tiny_clip_dir, 
                  "--device", "cpu", "--out", str(report)]) == 0
     result = json.loads(report.read_text())
     assert result["settings"]["sd_model"]["family"] == "sdxl" and 0 <= result["score"] <= 1 and result["n"] == 4
+
+
+def test_sdxl_learned_tokens_through_load_sd_and_errors(trained, tiny_sdxl_dir, tmp_path, cli_error):
+    """--learned-embeddings reads the SDXL layout into both encoders; an SD 1.x file, a replacement text
+    encoder on SDXL are clear errors."""
+    from recare.models.checkpoints import save_learned_embeddings
+    from recare.models.loading import load_sd
+
+    embeds = trained["recare"] / "learned_embeds-1.safetensors"
+    components = load_sd(tiny_sdxl_dir, learned_embeddings=[embeds])
+    saved = load_file(embeds)
+    token_id = components.tokenizer.convert_tokens_to_ids("<recare-1>")
+    assert token_id == components.tokenizer_2.convert_tokens_to_ids("<recare-1>")
+    assert torch.equal(components.text_encoder.get_input_embeddings().weight[token_id], saved["clip_l"][0])
+    assert torch.equal(components.text_encoder_2.get_input_embeddings().weight[token_id], saved["clip_g"][0])
+    out = tmp_path / "images"
+    assert main(["generate", "--model", str(tiny_sdxl_dir), "--learned-embeddings", str(embeds), "--prompt",
+                 "a photo of <recare-1>", "--num-images", "1", "--steps", "2", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 1
+    sd_file = tmp_path / "sd.safetensors"
+    save_learned_embeddings({"<one>": torch.zeros(32)}, sd_file)
+    err = cli_error(["generate", "--model", str(tiny_sdxl_dir), "--learned-embeddings", str(sd_file), "--prompt",
+                     "a <one>", "--num-images", "1", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x")])
+    assert "is not an SDXL embedding file" in err
+    err = cli_error(["generate", "--model", str(tiny_sdxl_dir), "--text-encoder-weights", str(sd_file), "--prompt",
+                     "a cat", "--num-images", "1", "--device", "cpu", "--out", str(tmp_path / "y")])
+    assert "SD 1.x/2.x models only" in err

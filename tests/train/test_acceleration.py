@@ -100,14 +100,16 @@ def test_compile_is_not_part_of_the_run_identity(tiny_sd, images, careset):
 def _unet_inputs(tiny_sd, batch: int):
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(batch, 4, 16, 16, generator=generator)
-    emb = torch.randn(batch, 77, tiny_sd.unet.config.cross_attention_dim, generator=generator)
+    emb = tiny_sd.conditioner().encode(["", "a photo of a cat", "a red bus"][:batch])  # packed (SDXL: + 1 row)
     return latents, torch.tensor(500), emb
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_the_compiled_unet_calls_have_no_graph_breaks(tiny_sd, lora):
+def test_the_compiled_unet_calls_have_no_graph_breaks(tiny_model, lora):
     """torch._dynamo.explain over the three calls a training iteration makes: trajectory (guided, no grad),
-    teacher (functional_call with the frozen copy) and student (with gradients); plain UNet and LoRA UNet."""
+    teacher (functional_call with the frozen copy) and student (with gradients); plain UNet and LoRA UNet;
+    SD 1.x and SDXL conditioning (unpacked inside the traced call)."""
+    tiny_sd = tiny_model
     unet, ddim = tiny_sd.unet, make_ddim_scheduler(tiny_sd.scheduler, 4)
     config = small_config(lora_rank=2) if lora else small_config()
     trainable = trainable_parameters(unet, config)
@@ -231,10 +233,12 @@ def _host_reads(tiny_sd_dir, images, careset, folder, iterations: int) -> list[s
     return calls
 
 
-def test_no_loop_reads_a_device_value_at_every_step(tiny_sd_dir, images, careset, tmp_path):
+@pytest.mark.parametrize("model_dir", ["tiny_sd_dir", "tiny_sdxl_dir"])
+def test_no_loop_reads_a_device_value_at_every_step(model_dir, images, careset, tmp_path, request):
     """Erase, inversion and stage 2 read losses back to the host only every LOG_EVERY steps: 30 more
     steps of each loop (90 in all) add at most 2 reads per LOG_EVERY steps (the stacked losses and the
-    progress bar's value); a per-step .item() anywhere in the loops would add 90."""
+    progress bar's value); a per-step .item() anywhere in the loops would add 90. SD 1.x and SDXL."""
+    tiny_sd_dir = request.getfixturevalue(model_dir)
     assert LOG_EVERY == LOSS_LOG_EVERY == 10
     short = _host_reads(tiny_sd_dir, images, careset, tmp_path / "short", 10)
     long = _host_reads(tiny_sd_dir, images, careset, tmp_path / "long", 40)

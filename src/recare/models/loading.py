@@ -214,10 +214,13 @@ def load_sd(
     kw = {"revision": revision} if revision else {}
     try:
         index = _model_index(src, kw)
+        two_encoders = (index.get("text_encoder_2") or [None])[0] is not None
+        if two_encoders and text_encoder_weights is not None:  # checked before any weight is read
+            raise RecareError("replacement text-encoder weights are supported for SD 1.x/2.x models only")
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kw)
         extra: dict[str, Any] = {}
-        if (index.get("text_encoder_2") or [None])[0] is not None:
+        if two_encoders:
             extra = {"tokenizer_2": CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw),
                      "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2",
                                                                                   dtype=dtype, **kw),
@@ -239,8 +242,6 @@ def load_sd(
 
         load_unet_weights(unet, unet_weights)
     if text_encoder_weights is not None:
-        if components.family == "sdxl":
-            raise RecareError("replacement text-encoder weights are supported for SD 1.x/2.x models only")
         from recare.models.checkpoints import load_text_encoder_weights
 
         load_text_encoder_weights(text_encoder, text_encoder_weights)
