@@ -248,3 +248,17 @@ def test_sdxl_learned_tokens_through_load_sd_and_errors(trained, tiny_sdxl_dir, 
     err = cli_error(["generate", "--model", str(tiny_sdxl_dir), "--text-encoder-weights", str(sd_file), "--prompt",
                      "a cat", "--num-images", "1", "--device", "cpu", "--out", str(tmp_path / "y")])
     assert "SD 1.x/2.x models only" in err
+
+
+def test_an_sdxl_refiner_layout_is_refused_before_loading(tiny_sdxl_dir, tmp_path, cli_error):
+    import shutil
+
+    refiner = tmp_path / "refiner"
+    shutil.copytree(tiny_sdxl_dir, refiner)
+    index = json.loads((refiner / "model_index.json").read_text())
+    index["text_encoder"] = index["tokenizer"] = [None, None]
+    (refiner / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(refiner / "text_encoder")
+    err = cli_error(["generate", "--model", str(refiner), "--prompt", "a cat", "--num-images", "1",
+                     "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert "SDXL refiner" in err and not (tmp_path / "out").exists()

@@ -215,6 +215,9 @@ def load_sd(
     try:
         index = _model_index(src, kw)
         two_encoders = (index.get("text_encoder_2") or [None])[0] is not None
+        if "text_encoder" in index and (index["text_encoder"] or [None])[0] is None:
+            raise RecareError(f"{src} has no first text encoder (an SDXL refiner?): recare supports SD 1.x/2.x "
+                              "and SDXL base models")
         if two_encoders and text_encoder_weights is not None:  # checked before any weight is read
             raise RecareError("replacement text-encoder weights are supported for SD 1.x/2.x models only")
         tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
