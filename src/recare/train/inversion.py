@@ -503,7 +503,7 @@ def train_textual_inversion(
 
     conditioner = components.conditioner(resolution)  # SDXL: time ids of the training resolution
     token_id, initializer_id = conditioner.add_placeholder(placeholder, initializer, config.initializer_mode)
-    row = conditioner.token_row(token_id).detach().float().clone().requires_grad_(True)  # (dim,) the only trained tensor
+    row = conditioner.token_row(token_id).detach().float().clone().requires_grad_(True)  # (dim,): the only trained one
     logger.info("textual inversion of %r: %d images at %d px, %d steps, batch %d, lr %g, timesteps [%d, %d), %s",
                 placeholder, len(pixels), resolution, config.steps, config.batch_size, config.effective_learning_rate,
                 low, high, f"autocast {autocast_dtype}" if autocast_dtype else "fp32")
