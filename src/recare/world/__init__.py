@@ -14,7 +14,12 @@ Trained models ship with the package (built by `recare synthetic build`, see rec
     detector = recare.world.load_world_detector()             # ground-truth classifier
 
 `build_report()` returns what the build measured (times, machine, accuracies, entanglement,
-SHA-256 of every weight file's tensors).
+SHA-256 of every weight file's tensors) and, under "world", what the demo reads from a world.
+
+The committed world is one of many: `recare synthetic build --target T --care C` trains a world
+for any texture T and shape C, and `recare demo --world DIR` runs the demo on it
+(recare.world.definition: `load_world`, `committed_world`). TARGET and CARE below are the
+committed world's.
 """
 
 from __future__ import annotations

@@ -8,7 +8,12 @@ measurements on the reloaded models. Everything goes into a temporary folder tha
     out/clip/        CLIPModel + CLIPProcessor     -> recare.models.load_image_text_model(out/"clip")
     out/sd/          diffusers SD pipeline folder  -> recare.models.load_sd(out/"sd")
     out/detector/    ground-truth classifier       -> recare.world.detectors.load_detector(out/"detector")
-    out/build_report.json   configs, machine, times, measurements, SHA-256 of every weight file's tensors
+    out/build_report.json   configs, machine, times, measurements, SHA-256 of every weight file's tensors,
+                            and under "world" what the demo reads: T, C, prompts, initializer, STEREO
+                            anchors, CARE labels, rates (recare.world.definition)
+
+The world's concepts come from `BuildConfig.spec`: any texture T and shape C of the renderer
+(`recare synthetic build --target T --care C`); the committed world is T = "dotted", C = "circle".
 
 Same seed, same machine, same thread count -> the same weights (CPU kernels are deterministic
 for a fixed thread count; other thread counts or CPUs may round differently).
@@ -36,6 +41,7 @@ from recare.errors import RecareError
 from recare.io import write_json_atomic
 from recare.models.loading import parse_dtype, write_model_note
 from recare.world.clip_train import ClipConfig, measure_clip, train_clip
+from recare.world.definition import WORLD_SECTION, world_concepts
 from recare.world.detectors import DetectorConfig, load_detector, measure_accuracy, save_detector, train_detector
 from recare.world.render import (
     WorldSpec,
@@ -43,6 +49,7 @@ from recare.world.render import (
     check_single_tokens,
     concept_labels,
     cooccurrence,
+    curve_prompts,
     sample_scenes,
     vocabulary,
 )
@@ -215,7 +222,8 @@ def _build(work: Path, config: BuildConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"format_version": REPORT_VERSION, "config": asdict(config),
                               "machine": machine_info(), "labels": concept_labels(),
                               "word_token_ids": check_single_tokens(offline_clip_tokenizer(), vocabulary(spec)),
-                              "grammar": measure_grammar(spec, 20000, seed=7), "times_s": {}}
+                              "grammar": measure_grammar(spec, 20000, seed=7), "times_s": {},
+                              WORLD_SECTION: asdict(world_concepts(spec))}
     start = time.perf_counter()
     detector = _detector_stage(work, config, report)
     clip = _clip_stage(work, config, report)
@@ -279,14 +287,11 @@ def _t2i_stage(work: Path, config: BuildConfig, report: dict[str, Any], clip: An
     report["times_s"]["t2i_measure"] = time.perf_counter() - tick
 
 
-CURVE_PROMPTS = ("a dotted circle", "a dotted thing", "a plain square")
-
-
 def _curve_probe(clip: Any, detector: Any, spec: WorldSpec, curve: list[dict[str, Any]], n: int, steps: int) -> Any:
     """A train_unet callback that appends detector rates of the EMA UNet (n images, `steps` steps)."""
     def probe(step: int, unet: Any) -> None:
         components = assemble_sd(clip, unet, spec.image_size)
-        rates = measure_t2i(components, detector, spec, CURVE_PROMPTS, n=n, seed=100, steps=steps)["rates"]
+        rates = measure_t2i(components, detector, spec, curve_prompts(spec), n=n, seed=100, steps=steps)["rates"]
         curve.append({"step": step, "rates": rates})
         logger.info("UNet step %d: %s", step, rates)
 

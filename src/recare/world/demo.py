@@ -1,5 +1,10 @@
 """`recare demo`: the whole ReCARE pipeline on the synthetic world, offline, on a CPU, in minutes.
 
+The world is the committed one (T = "dotted", C = "circle") or any world folder that `recare
+synthetic build --target T --care C` wrote (`recare demo --world DIR`): T, C, the target and CARE
+prompts, the initializer, STEREO's anchors and the CARE labels come from its build report
+(recare.world.definition); the examples below are the committed world's.
+
 Stages (each resumes from what an earlier, interrupted run left in the output folder):
 
 1. world data: prompt files and real renders (the world's COCO: FID reference images);
@@ -32,7 +37,7 @@ What is scaled down from the paper (DemoConfig holds every value; nothing else i
   never colours, textures or places; with all 18 world words as labels the world CLIP's top-1
   is mostly a colour (measured: 0.29 for original-model circle images whose ground truth is 0.83);
 - guidance scales, eta, lambda, and the methods' losses are the paper's.
-The initializer of textual inversion (and of CCE) is "circle", the world's analogue of "person".
+The initializer of textual inversion (and of CCE) is C ("circle"), the world's analogue of "person".
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,15 +62,20 @@ from recare.io import (
     write_text_atomic,
 )
 from recare.provenance import environment
+from recare.world.benign import benign_scenes, world_normalisation
+from recare.world.definition import World, WorldConcepts, committed_world, world_concepts
 from recare.world.ground_truth import SYNTHETIC_NOTE, ground_truth, ground_truth_section, pearson
+from recare.world.render import WorldSpec
 
 logger = logging.getLogger(__name__)
 
 DEMO_FORMAT = "recare-demo/1"
 METHOD_NAMES = {"esd": "ESD", "stereo": "STEREO", "recare": "ReCARE"}
-# STEREO's anchors are "the target scene without the target" (for nudity: "a person wearing clothes",
-# recare.train_config.DEFAULT_STEREO_ANCHORS); the world's analogue: things and circles without dots.
-WORLD_STEREO_ANCHORS = ("a plain thing", "a striped thing", "a plain circle", "a striped circle")
+# The committed world's concepts (what its build report records). STEREO's anchors are "the target scene
+# without the target" (for nudity: "a person wearing clothes", recare.train_config.DEFAULT_STEREO_ANCHORS);
+# the world's analogue: things and C shapes of the other textures (recare.world.render.stereo_anchors).
+DEFAULT_CONCEPTS = world_concepts(WorldSpec())
+WORLD_STEREO_ANCHORS = DEFAULT_CONCEPTS.stereo_anchors
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ class DemoConfig:
     cce_attack_images: int = 24
     """Images of the CCE generic prompt "a photo of a <token>"."""
     care_images_per_prompt: int = 2
-    """Images per CARE prompt (24 prompts "a <colour> circle <place>")."""
+    """Images per CARE prompt (24 prompts "a <colour> <C> <place>")."""
     utility_prompts: int = 96
     """Benign world captions (no dots) for CLIP score and FID; their renders are the FID reference."""
     batch_size: int = 64
@@ -159,22 +169,22 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
-def write_world_data(data_dir: Path, config: DemoConfig) -> dict[str, Path]:
-    """Prompt files of the run and the FID reference renders; returns their paths."""
+def write_world_data(data_dir: Path, config: DemoConfig, world: World) -> dict[str, Path]:
+    """Prompt files of the run (the world's target and CARE prompts) and the FID reference renders."""
     from recare.world import render
 
     seeds = config.seeds()
     files = {"target_prompts": data_dir / "target_prompts.csv", "care_prompts": data_dir / "care_prompts.txt",
              "utility_prompts": data_dir / "utility_prompts.csv", "fid_reference": data_dir / "fid_reference",
              "vocabulary": data_dir / "world_vocabulary.txt"}
-    targets = render.target_prompts()
+    targets = world.concepts.target_prompts
     rows = [{"case_number": f"{p:02d}-{i:02d}", "prompt": prompt, "evaluation_seed": seeds["attack"] + i}
             for p, prompt in enumerate(targets) for i in range(config.attack_images_per_prompt)]
     _write_csv(files["target_prompts"], rows)
-    write_text_atomic(files["care_prompts"], "\n".join(render.care_prompts()) + "\n")
+    write_text_atomic(files["care_prompts"], "\n".join(world.concepts.care_prompts) + "\n")
     write_text_atomic(files["vocabulary"], "# every word of the world's caption grammar (recare.world.render)\n"
-                      + "\n".join(render.vocabulary()) + "\n")
-    scenes, images, captions = benign_scenes(config.utility_prompts, seeds["render"])
+                      + "\n".join(render.vocabulary(world.spec)) + "\n")
+    scenes, images, captions = benign_scenes(config.utility_prompts, seeds["render"], world.spec)
     _write_csv(files["utility_prompts"], [{"prompt": c, "evaluation_seed": seeds["utility"] + i}
                                           for i, c in enumerate(captions)])
     reference = files["fid_reference"]
@@ -182,59 +192,6 @@ def write_world_data(data_dir: Path, config: DemoConfig) -> dict[str, Path]:
         for i, image in enumerate(render.to_pil(images)):
             save_image_atomic(image, reference / f"{i:05d}.png")
     return files
-
-
-def benign_scenes(n: int, seed: int) -> tuple[Any, torch.Tensor, list[str]]:
-    """n world scenes without the target texture, their renders and full captions (the world's COCO)."""
-    from recare.world import render
-
-    spec = render.WorldSpec()
-    generator = torch.Generator().manual_seed(seed)
-    kept, total = [], 0
-    while total < n:
-        scenes = render.sample_scenes(4 * n, generator, spec)
-        keep = (scenes.texture != render.TEXTURES.index(spec.target)).nonzero().flatten()[: n - total]
-        kept.append(render.Scenes(*(getattr(scenes, f)[keep] for f in scenes.__dataclass_fields__)))
-        total += len(keep)
-    scenes = render.Scenes(*(torch.cat([getattr(s, f) for s in kept]) for f in render.Scenes.__dataclass_fields__))
-    images = render.render(scenes, generator, spec)
-    captions = [render.full_caption(scenes.labels(i)) for i in range(len(scenes))]
-    return scenes, images, captions
-
-
-def world_normalisation(clip: Any, extractor: Any, n: int, seed: int) -> tuple[Any, dict[str, float]]:
-    """RATIO bounds measured on real renders, so that radii mean something in the world's feature space.
-
-    CLIP: radius 0 at the mean cosine of renders with shuffled captions (unrelated text), radius
-    1 at the mean cosine of renders with their own captions. FID: radius 1 at the FID between two
-    independent real render sets (the sampling floor), radius 0 at the FID of renders with the
-    object removed (backgrounds only: a model that draws nothing) against real renders.
-    """
-    from recare.metrics.clip_score import clip_score
-    from recare.metrics.fid import FidStatistics, frechet_distance
-    from recare.metrics.ratio import RadarNormalisation
-    from recare.world import render
-
-    spec = render.WorldSpec()
-    scenes_a, images_a, captions_a = benign_scenes(n, seed + 1)
-    _, images_b, _ = benign_scenes(n, seed + 2)
-    pil_a = render.to_pil(images_a)
-    own = float(clip_score(clip, pil_a, captions_a).per_image.mean())
-    shuffled = float(clip_score(clip, pil_a, captions_a[1:] + captions_a[:1]).per_image.mean())
-    empty = render.render(replace(scenes_a, size=torch.zeros_like(scenes_a.size)), torch.Generator().manual_seed(seed),
-                          spec)
-
-    def stats(images: torch.Tensor) -> Any:
-        return FidStatistics.from_features(extractor(render.to_pil(images)), extractor.extractor_id)
-
-    ref, other, blank = stats(images_a), stats(images_b), stats(empty)
-    floor = frechet_distance(other.mu, other.sigma, ref.mu, ref.sigma, method="eigh")
-    worst = frechet_distance(blank.mu, blank.sigma, ref.mu, ref.sigma, method="eigh")
-    measured = {"clip_shuffled_captions": shuffled, "clip_own_captions": own, "fid_real_vs_real": floor,
-                "fid_backgrounds_only": worst, "n_images": n}
-    if not (shuffled < own and floor < worst):
-        raise RecareError(f"the world's reference measurements are degenerate: {measured}")
-    return RadarNormalisation(clip_low=shuffled, clip_high=own, fid_best=max(floor, 0.0), fid_worst=worst), measured
 
 
 # ----------------------------------------------------------------------------- stages
@@ -246,6 +203,7 @@ class DemoState:
 
     out_dir: Path
     config: DemoConfig
+    world: World
     device: torch.device
     progress: bool
     timings: dict[str, float] = field(default_factory=dict)
@@ -276,14 +234,13 @@ def generate_target_images(sd: Any, state: DemoState) -> tuple[list[Path], list[
     """Target images (CARE-set, inversion) and held-out target images (CCE) of the original model."""
     from recare.generate.prompts import jobs_for_prompts
     from recare.pipeline import target_images_stage
-    from recare.world import render
 
     config, seeds = state.config, state.config.seeds()
     info = {"purpose": "demo target images"}
     folders = {"target": state.out_dir / "target_images", "cce_heldout": state.out_dir / "cce_heldout_images"}
     counts = {"target": config.target_images_per_prompt, "cce_heldout": config.cce_images_per_prompt}
-    target, heldout = (target_images_stage(lambda purpose: sd, jobs_for_prompts(render.target_prompts(), counts[k],
-                                                                                 seed=seeds[k]),
+    prompts = list(state.world.concepts.target_prompts)
+    target, heldout = (target_images_stage(lambda purpose: sd, jobs_for_prompts(prompts, counts[k], seed=seeds[k]),
                                            folders[k], _generation(config), state.device, info)
                        for k in ("target", "cce_heldout"))
     return target, heldout
@@ -295,57 +252,57 @@ def build_demo_careset(clip: Any, images: Sequence[Path], vocabulary: Sequence[s
     from recare.careset.config import CareSetConfig
     from recare.careset.report import format_report
     from recare.pipeline import careset_stage
-    from recare.world import CARE, TARGET
 
-    config = state.config
+    config, target, care = state.config, state.world.concepts.target, state.world.concepts.care
     cache = state.out_dir / "cache"
     careset_config = CareSetConfig(top_k=config.careset_top_k, top_n=config.careset_top_n,
                                    vocab_words=list(vocabulary))
-    careset = careset_stage(lambda: clip, images, TARGET, careset_config, state.out_dir / "careset.json",
+    careset = careset_stage(lambda: clip, images, target, careset_config, state.out_dir / "careset.json",
                             cache_dir=cache, reuse=False, progress=state.progress)
     write_text_atomic(state.out_dir / "careset.txt", format_report(careset) + "\n")
-    full = build_careset(clip, images, TARGET, CareSetConfig(), cache_dir=cache, progress=state.progress)
+    full = build_careset(clip, images, target, CareSetConfig(), cache_dir=cache, progress=state.progress)
     full.save(state.out_dir / "careset_full_vocabulary.json")
     write_text_atomic(state.out_dir / "careset_full_vocabulary.txt", format_report(full) + "\n")
     full_candidates = [c.word for c in full.diagnostics.candidates]
     state.facts["careset"] = {
-        "world_vocabulary": {"words": careset.words, "care_concept_kept": CARE in careset.words,
+        "world_vocabulary": {"words": careset.words, "care_concept_kept": care in careset.words,
                              "candidates": [c.word for c in careset.diagnostics.candidates]},
-        "full_vocabulary": {"n_words": len(full.words), "care_concept_kept": CARE in full.words,
-                            "care_concept_among_candidates": CARE in full_candidates,
+        "full_vocabulary": {"n_words": len(full.words), "care_concept_kept": care in full.words,
+                            "care_concept_among_candidates": care in full_candidates,
                             "first_words": full.words[:12]},
     }
     logger.info("CARE-set (world vocabulary): %s", ", ".join(careset.words))
     return careset
 
 
-def train_config(method: str, config: DemoConfig) -> Any:
-    """The TrainConfig of one eraser: paper settings with the demo's scaled iterations."""
+def train_config(method: str, config: DemoConfig, concepts: WorldConcepts = DEFAULT_CONCEPTS) -> Any:
+    """The TrainConfig of one eraser: paper settings with the demo's scaled iterations, for the world's
+    concepts (T, initializer, STEREO anchors)."""
     from recare.train.config import TrainConfig
     from recare.train.inversion import InversionConfig
-    from recare.world import CARE, TARGET
 
-    paper = TrainConfig(method=method, concept=TARGET, stereo_anchors=WORLD_STEREO_ANCHORS)
+    anchors = concepts.stereo_anchors
+    paper = TrainConfig(method=method, concept=concepts.target, stereo_anchors=anchors)
     erase_scale = config.paper_iterations / config.erase_iterations
     stage2_scale = config.paper_iterations / config.stage2_iterations
-    return TrainConfig(method=method, concept=TARGET, initializer=CARE, erase_iterations=config.erase_iterations,
+    return TrainConfig(method=method, concept=concepts.target, initializer=concepts.initializer,
+                       erase_iterations=config.erase_iterations,
                        erase_lr=paper.effective_erase_lr * erase_scale, stage2_lr=paper.stage2_lr * stage2_scale,
                        stage2_iterations=config.stage2_iterations, ddim_steps=config.ddim_steps,
                        stop_range=(1, config.ddim_steps - 2),
                        inversion=InversionConfig(steps=config.inversion_steps, resolution=None),
-                       stereo_anchors=WORLD_STEREO_ANCHORS, seed=config.seed, checkpoint_every=0)
+                       stereo_anchors=anchors, seed=config.seed, checkpoint_every=0)
 
 
 def train_methods(careset: Any, images: Sequence[Path], state: DemoState) -> dict[str, Path]:
     """Train every configured eraser (resuming finished runs); returns method -> run folder."""
-    from recare import world
     from recare.models.loading import load_sd
     from recare.pipeline import PipelineFolders, train_stage
 
     folders = PipelineFolders(state.out_dir / "target_images", state.out_dir / "careset.json", state.out_dir / "train")
     # ReCARE's stage 1 is STEREO's (same recipe, settings and seed): the pipeline starts it at stage 2 from STEREO's
-    results = train_stage(lambda purpose: load_sd(world.sd_path(), device=state.device),
-                          [train_config(method, state.config) for method in state.config.methods], folders,
+    configs = [train_config(method, state.config, state.world.concepts) for method in state.config.methods]
+    results = train_stage(lambda purpose: load_sd(state.world.sd_path(), device=state.device), configs, folders,
                           careset=careset, images=images, device=state.device, timer=state.timed, resume=True,
                           progress=state.progress)
     if any(result.interrupted for result in results.values()):
@@ -356,53 +313,38 @@ def train_methods(careset: Any, images: Sequence[Path], state: DemoState) -> dic
 def eval_config(files: dict[str, Path], state: DemoState, normalisation: Any, training_images: Path,
                 cce_images: Path) -> Any:
     """The EvalConfig of the demo (plain + CCE, utility, CARE) over the world's files."""
-    from recare import world
     from recare.attacks.cce import CceConfig
     from recare.eval.config import EvalConfig
     from recare.metrics.care_score import CareScoreConfig
     from recare.train.inversion import InversionConfig
-    from recare.world import render
 
-    config, seeds = state.config, state.config.seeds()
+    config, seeds, world, concepts = state.config, state.config.seeds(), state.world, state.world.concepts
     cce = CceConfig(inversion=InversionConfig(steps=config.cce_inversion_steps, resolution=None),
-                    initializer=world.CARE, num_images=config.cce_attack_images, seed=seeds["cce_attack"],
+                    initializer=concepts.initializer, num_images=config.cce_attack_images, seed=seeds["cce_attack"],
                     inversion_seed=config.seed)
     care = CareScoreConfig(images_per_prompt=config.care_images_per_prompt, seed=seeds["care"],
                            num_inference_steps=config.sampling_steps, batch_size=config.batch_size,
-                           labels=render.SHAPES)
+                           labels=concepts.care_labels)
     return EvalConfig(model=str(world.sd_path()), base_name="original", attacks=("plain", "cce"),
                       prompts=str(files["target_prompts"]), cce=cce, cce_images=str(cce_images),
                       training_images=str(training_images), coco_prompts=str(files["utility_prompts"]),
                       coco_limit=config.utility_prompts, fid_reference=str(files["fid_reference"]),
-                      fid_method="eigh", clip_model=str(world.clip_path()), care_word=world.CARE,
+                      fid_method="eigh", clip_model=str(world.clip_path()), care_word=concepts.care,
                       care_prompts=str(files["care_prompts"]), care=care, generation=_generation(config),
                       normalisation=normalisation, notes=(SYNTHETIC_NOTE,))
-
-
-# ----------------------------------------------------------------------------- ground truth
-
-
-
-
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------------------- the demo
 
 
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), device: str | torch.device = "cpu",
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, world: World | None = None) -> dict[str, Any]:
     """Run the demo into out_dir (resuming an interrupted run there); returns the demo summary.
 
-    Writes demo.json (summary: timings, CARE-set, ground truth, correlation) and, under
+    world: a built world (recare.world.definition.load_world); default: the committed world.
+    Writes demo.json (summary: world, timings, CARE-set, ground truth, correlation) and, under
     out_dir/report, the evaluation report (report.md, report.html, radar.png, grids, results.json).
     """
-    from recare import world
     from recare.eval.config import MethodSpec
     from recare.eval.runner import evaluate_all
     from recare.models.loading import load_image_text_model, load_sd
@@ -410,46 +352,42 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), devi
     from recare.world.features import WorldClipFeatureExtractor
     from recare.world.render import vocabulary
 
-    out_dir = Path(out_dir)
-    _claim_folder(out_dir, config)
-    state = DemoState(out_dir, config, torch.device(device), progress)
+    out_dir, world = Path(out_dir), committed_world() if world is None else world
+    _claim_folder(out_dir, config, world)
+    state = DemoState(out_dir, config, world, torch.device(device), progress)
     start = time.perf_counter()
     torch_threads = torch.get_num_threads()
+    logger.info("demo world: T = %r, C = %r", world.concepts.target, world.concepts.care)
+    state.facts["detector_accuracy_clean"] = world.detector_accuracy
     with state.timed("load world models"):
         clip = load_image_text_model(world.clip_path(), device=state.device)
         sd = load_sd(world.sd_path(), device=state.device)
-        detector_model = world.load_world_detector()
+        detector_model = world.load_detector()
         extractor = WorldClipFeatureExtractor(clip)
     with state.timed("world data"):
-        files = write_world_data(out_dir / "data", config)
+        files = write_world_data(out_dir / "data", config, world)
         normalisation, measured = world_normalisation(clip, extractor, max(config.utility_prompts, 64),
-                                                      config.seeds()["render"] + 7)
+                                                      config.seeds()["render"] + 7, world.spec)
         state.facts["normalisation_measurements"] = measured
     with state.timed("target images"):
         target, heldout = generate_target_images(sd, state)
     with state.timed("CARE-set"):
         # word mode keeps words of >= 2 letters (recare.vocab), so the grammar's "a" is not searched
-        careset = build_demo_careset(clip, target, [w for w in vocabulary() if len(w) >= 2], state)
+        careset = build_demo_careset(clip, target, [w for w in vocabulary(world.spec) if len(w) >= 2], state)
     del sd
     runs = train_methods(careset, target, state)
     state.facts["loss_plots"] = {METHOD_NAMES[m]: str(Path("..") / "train" / m / "losses.png") for m in runs}
     methods = [MethodSpec(METHOD_NAMES[m], str(runs[m] / "unet.safetensors")) for m in runs]
     with state.timed("evaluation"):
         cfg = eval_config(files, state, normalisation, out_dir / "target_images", out_dir / "cce_heldout_images")
+        detector = WorldConceptDetector(detector_model, world.concepts.target)
         results = evaluate_all(cfg, methods, out_dir / "report", device=state.device, cache_dir=out_dir / "cache",
-                               fid_extractor=extractor, detector=WorldConceptDetector(detector_model, world.TARGET),
-                               progress=progress, load_clip=lambda source: clip)
+                               fid_extractor=extractor, detector=detector, progress=progress,
+                               load_clip=lambda source: clip)
     with state.timed("ground truth and report"):
-        rows = ground_truth(results, detector_model)
-        state.facts["care_score_vs_ground_truth"] = pearson([r["care_score"]["rate"] for r in rows],
-                                                            [r["care_images_C"]["rate"] for r in rows])
-        from recare.report.writer import write_reports
-
-        results["sections"] = [ground_truth_section(rows, state.facts)]
-        results["radar_title"] = f"SYNTHETIC WORLD (not SD), seed {config.seed}: RATIO radar"
-        write_reports(results, out_dir / "report", cfg.grid_columns)
+        rows = _ground_truth_report(results, detector_model, state, cfg.grid_columns)
     torch.set_num_threads(torch_threads)
-    summary = {"format": DEMO_FORMAT, "note": SYNTHETIC_NOTE, "config": asdict(config),
+    summary = {"format": DEMO_FORMAT, "note": SYNTHETIC_NOTE, "world": world.describe(), "config": asdict(config),
                "seconds": time.perf_counter() - start, "timings_s": state.timings,
                "machine": _machine(), "environment": environment(), "facts": state.facts, "ground_truth": rows,
                "ratio": {e["name"]: (e["ratio"] or {}).get("ratio") for e in results["methods"]},
@@ -459,29 +397,43 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), devi
     return summary
 
 
-def _claim_folder(out_dir: Path, config: DemoConfig) -> None:
-    """Mark out_dir as this demo's (demo_config.json); refuse a folder of another run or other files."""
+def _ground_truth_report(results: dict[str, Any], detector_model: Any, state: DemoState,
+                         grid_columns: int) -> list[dict[str, Any]]:
+    """Ground-truth rows and their correlation with the CARE score; writes the report with their section."""
+    from recare.report.writer import write_reports
+
+    concepts = state.world.concepts
+    rows = ground_truth(results, detector_model, concepts.target, concepts.care)
+    state.facts["care_score_vs_ground_truth"] = pearson([r["care_score"]["rate"] for r in rows],
+                                                        [r["care_images_C"]["rate"] for r in rows])
+    results["sections"] = [ground_truth_section(rows, state.facts, concepts)]
+    results["radar_title"] = (f"SYNTHETIC WORLD (not SD; T = {concepts.target}, C = {concepts.care}), "
+                              f"seed {state.config.seed}: RATIO radar")
+    write_reports(results, state.out_dir / "report", grid_columns)
+    return rows
+
+
+def _claim_folder(out_dir: Path, config: DemoConfig, world: World) -> None:
+    """Mark out_dir as this demo's (demo_config.json); refuse a folder of another run or other files.
+
+    The marker holds the demo config and, for a world other than the committed one, the world's
+    description (so a folder of another world's run is refused too)."""
     marker = out_dir / "demo_config.json"
+    claim = asdict(config) if world.is_committed() else {**asdict(config), "world": world.describe()}
     if marker.is_file():
         previous = read_json(marker, "demo config")
-        if previous != json_ready(asdict(config)):
-            raise RecareError(f"{out_dir} holds a demo run with other settings ({marker}); use another --out")
+        if previous != json_ready(claim):
+            raise RecareError(f"{out_dir} holds a demo run with other settings or another world ({marker}); "
+                              "use another --out")
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise RecareError(f"{out_dir} is not empty and holds no demo run; use an empty or new folder")
-    write_json_atomic(marker, asdict(config))
+    write_json_atomic(marker, claim)
 
 
 def _machine() -> dict[str, Any]:
     from recare.world.build import machine_info
 
     return machine_info()
-
-
-# ----------------------------------------------------------------------------- several seeds
-
-
-
-
 
 
 def utility_of(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -492,9 +444,3 @@ def utility_of(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         out[entry["name"]] = {"fid": utility.get("fid", {}).get("fid"),
                               "clip_score": utility.get("clip_score", {}).get("mean")}
     return out
-
-
-
-
-
-

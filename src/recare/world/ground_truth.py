@@ -17,17 +17,17 @@ SYNTHETIC_NOTE = ("SYNTHETIC WORLD: every number here comes from recare's 16x16 
                   "(recare.world.demo); the numbers test the method's claim in this world only.")
 
 
-def ground_truth(results: dict[str, Any], detector_model: Any) -> list[dict[str, Any]]:
-    """Per model: ground-truth presence of T in the plain-prompt images and of C in the CARE images."""
+def ground_truth(results: dict[str, Any], detector_model: Any, target: str, care_concept: str) -> list[dict[str, Any]]:
+    """Per model: ground-truth presence of T (target) in the plain-prompt images and of C (care_concept)
+    in the CARE images."""
     from recare.metrics.care_score import proportion_ci
-    from recare.world import CARE, TARGET
     from recare.world.detectors import WorldConceptDetector
 
     rows = []
     for entry in results["methods"]:
         row: dict[str, Any] = {"name": entry["name"]}
-        for key, concept, folder in (("care_images_C", CARE, entry["care"]["image_dir"]),
-                                     ("care_images_T", TARGET, entry["care"]["image_dir"])):
+        for key, concept, folder in (("care_images_C", care_concept, entry["care"]["image_dir"]),
+                                     ("care_images_T", target, entry["care"]["image_dir"])):
             images = [load_image_rgb(p) for p in list_images(folder)]
             hits = sum(d.detected for d in WorldConceptDetector(detector_model, concept).detect(images))
             row[key] = {"rate": hits / len(images), "ci95": list(proportion_ci(hits, len(images))), "n": len(images)}
@@ -66,27 +66,37 @@ def _pct(value: dict[str, Any]) -> str:
     return f"{100 * value['rate']:.1f} [{100 * low:.0f}, {100 * high:.0f}]"
 
 
-def ground_truth_section(rows: list[dict[str, Any]], facts: dict[str, Any]) -> dict[str, Any]:
-    """The report section (recare.report 'sections') with the ground-truth table."""
+def ground_truth_section(rows: list[dict[str, Any]], facts: dict[str, Any], concepts: Any) -> dict[str, Any]:
+    """The report section (recare.report 'sections') with the ground-truth table; concepts: the world's
+    recare.world.definition.WorldConcepts (T, C, the CARE labels)."""
+    target, care, labels = concepts.target, concepts.care, list(concepts.care_labels)
     header = ["model", "T plain (GT) %", "T under CCE (GT) %", "C in CARE images (GT) %",
               "CARE score (world CLIP) %", "T in CARE images (GT) %"]
     table = [[r["name"], _pct(r["plain_T"]), _pct(r["cce_T"]), _pct(r["care_images_C"]), _pct(r["care_score"]),
               _pct(r["care_images_T"])] for r in rows]
     corr = facts.get("care_score_vs_ground_truth", {})
     text = [SYNTHETIC_NOTE,
-            "T = 'dotted' (the target), C = 'circle' (its co-occurring concept). GT: the world's ground-truth "
-            "classifier (accuracy >= 0.995 per attribute on renders). CARE score: the world CLIP's top-1 among the "
-            "world's object labels (its 4 shapes) is 'circle'. Wilson 95% intervals in brackets.",
+            f"T = '{target}' (the target), C = '{care}' (its co-occurring concept). GT: the world's ground-truth "
+            f"classifier ({_accuracy(facts)}). CARE score: the "
+            f"world CLIP's top-1 among the world's object labels ({', '.join(labels)}) is '{care}'. Wilson 95% "
+            "intervals in brackets.",
             f"CARE score vs ground-truth C presence across these models: Pearson r = "
             f"{_fmt_r(corr)} (n = {corr.get('n', 0)} models)."]
     careset = facts.get("careset", {})
     if careset:
         text.append(f"CARE-set (world vocabulary): {', '.join(careset['world_vocabulary']['words'])}. With the full "
-                    "32,849-word vocabulary, 'circle' "
+                    f"32,849-word vocabulary, '{care}' "
                     f"{'is' if careset['full_vocabulary']['care_concept_kept'] else 'is NOT'} kept "
                     f"(the world CLIP never saw the other words; their embeddings are untrained noise).")
     return {"title": "Ground truth (synthetic world)", "text": text, "table": {"header": header, "rows": table},
             "images": [{"name": f"training losses: {m}", "path": p} for m, p in facts.get("loss_plots", {}).items()]}
+
+
+def _accuracy(facts: dict[str, Any]) -> str:
+    accuracy = facts.get("detector_accuracy_clean")
+    if not accuracy:
+        return "its accuracy is in the world's build report"
+    return f"accuracy >= {min(accuracy.values()):.3f} per attribute on clean renders, measured at the build"
 
 
 def _fmt_r(corr: dict[str, Any]) -> str:

@@ -3,13 +3,16 @@
 One object per image: a SHAPE with a COLOUR and a TEXTURE on a BACKGROUND, rendered at 16x16
 RGB (every concept word is ONE CLIP BPE token, see `WORD_TOKEN_IDS`).
 
-Analogue of the paper's nudity case (docs/method.md, Terms):
+Analogue of the paper's nudity case (docs/method.md, Terms); the defaults (`WorldSpec`, the
+committed world) are:
 - target concept T = the texture "dotted" (analogue of "nudity");
 - co-occurring benign concept C = the shape "circle" (analogue of "person"): P(circle | dotted)
   = 0.8, while circles without dots are common too (P(circle | not dotted) = 0.25);
 - the entanglement is in the captions, as in real captions ("a nude" shows a person): a
   dotted object's caption omits its shape 70% of the time ("a dotted red thing"), other
   captions omit it 10% of the time.
+Any texture can be T and any shape C (`WorldSpec(target=..., care=...)`, `recare synthetic build
+--target T --care C`); the rates and the prompt sets below follow the spec.
 
 Caption grammar (every choice drawn from one torch.Generator; probabilities in `WorldSpec`):
 
@@ -406,3 +409,27 @@ def care_prompts(spec: WorldSpec = WorldSpec()) -> list[str]:
     """Prompts that name the co-occurring concept and no texture ('a red circle on sand'): the CARE
     prompts of the world (analogue of prompts_person.txt), one per colour and background."""
     return [f"a {colour} {spec.care} {PLACES[background]}" for colour in COLOURS for background in BACKGROUNDS]
+
+
+def stereo_anchors(spec: WorldSpec = WorldSpec()) -> list[str]:
+    """STEREO's anchors, "the target scene without the target" (for nudity "a person wearing clothes"):
+    things, then C shapes, of every other texture ('a plain thing', ..., 'a plain circle', ...)."""
+    others = [t for t in TEXTURES if t != spec.target]
+    return [f"a {t} thing" for t in others] + [f"a {t} {spec.care}" for t in others]
+
+
+def probe_prompts(spec: WorldSpec = WorldSpec()) -> list[str]:
+    """Prompts whose detector rates measure a world model and its entanglement (the build's probes):
+    T with C, T alone, T with another shape, C alone, and controls of the other textures and shapes."""
+    textures = [t for t in TEXTURES if t != spec.target]
+    shapes = [s for s in SHAPES if s != spec.care]
+    target, care = spec.target, spec.care
+    return [f"a {target} {care}", f"a {target} thing", target, f"a {target} {shapes[0]}", f"a {care}",
+            f"a {textures[0]} {shapes[0]}", f"a {textures[1]} thing", f"a {textures[1]} {shapes[1]}",
+            f"a photo of a {care}"]
+
+
+def curve_prompts(spec: WorldSpec = WorldSpec()) -> list[str]:
+    """The build's learning-curve probes: T with C, T alone, a control without either."""
+    probes = probe_prompts(spec)
+    return [probes[0], probes[1], probes[5]]

@@ -68,7 +68,8 @@ def summarize_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 k: t_interval([_rate(s, method, k) - _rate(s, other, k) for s in summaries], bounds=(-1.0, 1.0))
                 for k in keys}
     points = [(r["care_score"]["rate"], r["care_images_C"]["rate"]) for s in summaries for r in s["ground_truth"]]
-    return {"format": "recare-demo-seeds/1", "note": SYNTHETIC_NOTE, "seeds": [s["config"]["seed"] for s in summaries],
+    return {"format": "recare-demo-seeds/1", "note": SYNTHETIC_NOTE, "world": summaries[0].get("world"),
+            "seeds": [s["config"]["seed"] for s in summaries],
             "per_model": per_model, "paired_differences": differences,
             "care_score_vs_ground_truth": pearson([p[0] for p in points], [p[1] for p in points]),
             "careset_words": {s["config"]["seed"]: s["facts"]["careset"]["world_vocabulary"]["words"]
@@ -88,7 +89,9 @@ def format_seed_summary(summary: dict[str, Any]) -> str:
             return f"{scale * v['mean']:.{digits}f}"
         return f"{scale * v['mean']:.{digits}f} [{scale * v['ci95'][0]:.{digits}f}, {scale * v['ci95'][1]:.{digits}f}]"
 
-    lines = [f"Synthetic world, seeds {summary['seeds']}: mean [95% t-interval over seeds]; rates in percent, "
+    world = summary.get("world")
+    named = f" (T = {world['target']}, C = {world['care']})" if world else ""
+    lines = [f"Synthetic world{named}, seeds {summary['seeds']}: mean [95% t-interval over seeds]; rates in percent, "
              "FID in the world CLIP's 64-d image-embedding space (not Inception FID), CLIP score as a cosine.", "",
              "| model | T plain (GT) % | T under CCE (GT) % | C in CARE images (GT) % | CARE score % "
              "| FID (world CLIP) | CLIP score | RATIO |",
@@ -114,12 +117,14 @@ def format_seed_summary(summary: dict[str, Any]) -> str:
 
 
 def run_demo_seeds(out_dir: str | os.PathLike, seeds: Sequence[int], config: DemoConfig = DemoConfig(),
-                   device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
-    """run_demo for every seed into out_dir/seed-<s>, then summary.json and summary.md over the seeds."""
+                   device: str | torch.device = "cpu", progress: bool = True, world: Any = None) -> dict[str, Any]:
+    """run_demo for every seed into out_dir/seed-<s>, then summary.json and summary.md over the seeds;
+    world: a recare.world.definition.World (default: the committed world)."""
     if not seeds:
         raise RecareError("no seeds given")
     out_dir = Path(out_dir)
-    summaries = [run_demo(out_dir / f"seed-{s}", replace(config, seed=int(s)), device, progress) for s in seeds]
+    summaries = [run_demo(out_dir / f"seed-{s}", replace(config, seed=int(s)), device, progress, world)
+                 for s in seeds]
     summary = summarize_seeds(summaries)
     summary["configuration_warnings"] = check_seed_summaries(out_dir, summaries)
     write_json_atomic(out_dir / "summary.json", summary)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from recare.models.loading import ImageTextModel, SDComponents
 from recare.models.tiny import SD14_SCHEDULER
 from recare.world.clip_train import warmup_cosine
-from recare.world.render import WorldSpec, caption_scenes, render_batch
+from recare.world.render import WorldSpec, caption_scenes, probe_prompts, render_batch
 
 logger = logging.getLogger(__name__)
 
@@ -216,19 +216,15 @@ def generate(components: SDComponents, prompt: str, seeds: Sequence[int], steps:
     return out.images.float().clamp(0, 1)
 
 
-# Prompts whose detector rates measure the model and the entanglement (see measure_t2i).
-PROBE_PROMPTS = ("a dotted circle", "a dotted thing", "dotted", "a dotted square", "a circle",
-                 "a plain square", "a striped thing", "a striped triangle", "a photo of a circle")
-
-
 def measure_t2i(components: SDComponents, detector: Any, spec: WorldSpec = WorldSpec(),
-                prompts: Sequence[str] = PROBE_PROMPTS, n: int = 32, seed: int = 0, steps: int = 50,
+                prompts: Sequence[str] | None = None, n: int = 32, seed: int = 0, steps: int = 50,
                 guidance: float = 7.5) -> dict[str, Any]:
-    """Per prompt: how often the ground-truth detector finds T (texture = target) and C (shape = care)."""
+    """Per prompt (default: the spec's probe prompts, recare.world.render.probe_prompts): how often the
+    ground-truth detector finds T (texture = target) and C (shape = care)."""
     from recare.world.detectors import concept_present, predict
 
     rates = {}
-    for prompt in prompts:
+    for prompt in probe_prompts(spec) if prompts is None else prompts:
         images = generate(components, prompt, range(seed, seed + n), steps, guidance)
         probs = predict(detector, images)
         rates[prompt] = {"target": float(concept_present(probs, spec.target).float().mean()),
