@@ -298,3 +298,17 @@ def test_saved_embedding_loads_in_diffusers(tiny_sd, tmp_path):
     fresh = build_tiny_sd(seed=0)
     assert load_learned_embeddings(fresh.conditioner(), path) == ["<c-0>"]
     assert torch.equal(fresh.text_encoder.get_input_embeddings().weight[49408], learned.embedding)
+
+
+def test_a_float16_vae_that_asks_for_upcasting_encodes_in_float32(tiny_sdxl):
+    """SDXL's VAE overflows in fp16 (its config says force_upcast): latents are encoded in float32 and the
+    weights go back to float16 afterwards; the latents equal those of the float32 VAE cast to fp16 once."""
+    vae = tiny_sdxl.vae
+    assert vae.config.force_upcast
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    reference = LatentCache.encode(vae.half().float(), pixels)  # fp16-rounded weights, run in fp32
+    vae.half()
+    cache = LatentCache.encode(vae, pixels)
+    assert vae.dtype == torch.float16
+    torch.testing.assert_close(cache.mean, reference.mean)
+    torch.testing.assert_close(cache.std, reference.std)

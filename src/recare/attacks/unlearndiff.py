@@ -39,6 +39,7 @@ from recare.generate.sharding import ShardInfo, barrier, broadcast_object
 from recare.io import json_ready, load_image_rgb, read_json, write_json_atomic
 from recare.models.conditioning import unet_condition
 from recare.models.loading import SDComponents
+from recare.models.precision import vae_encode_precision
 from recare.train.guidance import to_epsilon
 from recare.train.inversion import frozen, images_to_pixels
 
@@ -164,8 +165,9 @@ def prefixed_input_ids(tokenizer: Any, prompt: str, prefix_ids: Sequence[int]) -
 @torch.no_grad()
 def encode_x0(components: SDComponents, image: Image.Image, device: torch.device) -> torch.Tensor:
     """(1, c, h, w) scaled posterior MEAN latent of an image at the model's resolution (the reference's img2latent)."""
-    pixels = images_to_pixels([image], components.image_size).to(device, components.vae.dtype)
-    mean = components.vae.encode(pixels).latent_dist.mean
+    with vae_encode_precision(components.vae) as dtype:  # SDXL's VAE: float32 even for fp16 weights
+        pixels = images_to_pixels([image], components.image_size).to(device, dtype)
+        mean = components.vae.encode(pixels).latent_dist.mean
     return mean.float() * components.vae.config.scaling_factor
 
 

@@ -77,3 +77,18 @@ def check_device(device: str | torch.device) -> torch.device:
     elif resolved.type != "cpu":
         raise RecareError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or mps")
     return resolved
+
+
+@contextlib.contextmanager
+def vae_encode_precision(vae: torch.nn.Module):
+    """Run the VAE in float32 while active when its config asks for it (`force_upcast`, SDXL's VAE) and its
+    weights are float16: SDXL's VAE overflows in fp16, as diffusers' SDXL pipelines know (they upcast it
+    to decode). Weights go back to float16 afterwards. Yields the dtype to feed it."""
+    upcast = bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        yield vae.dtype
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)

@@ -250,13 +250,14 @@ class LatentCache:
     @torch.no_grad()
     def encode(cls, vae, pixels: torch.Tensor, batch_size: int = 8) -> "LatentCache":
         """Encode (n, 3, r, r) pixels in [-1, 1] and their horizontal flips, in the VAE's dtype."""
-        device, dtype = vae.device, vae.dtype
+        device = vae.device
         means, stds = [], []
-        for flipped in (pixels, torch.flip(pixels, dims=[-1])):
-            for start in range(0, len(flipped), batch_size):
-                dist = vae.encode(flipped[start:start + batch_size].to(device, dtype)).latent_dist
-                means.append(dist.mean.float())
-                stds.append(dist.std.float())
+        with precision.vae_encode_precision(vae) as dtype:  # SDXL's VAE: float32 even for fp16 weights
+            for flipped in (pixels, torch.flip(pixels, dims=[-1])):
+                for start in range(0, len(flipped), batch_size):
+                    dist = vae.encode(flipped[start:start + batch_size].to(device, dtype)).latent_dist
+                    means.append(dist.mean.float())
+                    stds.append(dist.std.float())
         n = len(pixels)
         mean = torch.cat(means).reshape(2, n, *means[0].shape[1:])
         std = torch.cat(stds).reshape(2, n, *stds[0].shape[1:])
