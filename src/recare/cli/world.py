@@ -98,6 +98,9 @@ def _run_synthetic_build(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub) -> None:
+    from recare.config import add_config_arguments
+    from recare.world.demo import DemoConfig
+
     p = sub.add_parser("demo", formatter_class=Formatter,
                        help="the whole method on a synthetic world (default: the built-in one), offline on a CPU "
                             "(recare.world.demo)")
@@ -116,11 +119,17 @@ def _add_demo(sub) -> None:
                             "stage 2, no learning-rate scaling); about 20 minutes per seed on 2 cores")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
-    p.set_defaults(run=_run_demo, outputs=(("out", "folder"),))
+    sizes = p.add_argument_group("demo sizes", "every DemoConfig setting (recare.world.demo); a flag given replaces "
+                                 "the value of the default demo, --quick or --paper-scale (the defaults shown are "
+                                 "the default demo's)")
+    p.set_defaults(run=_run_demo, outputs=(("out", "folder"),),
+                   demo_flags=add_config_arguments(sizes, DemoConfig, exclude=("seed",)))
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
 
+    from recare.config import given_overrides
     from recare.world.definition import committed_world, load_world
     from recare.world.demo import DemoConfig, run_demo
     from recare.world.seeds import format_seed_summary, run_demo_seeds
@@ -129,9 +138,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = DemoConfig.quick() if args.quick else DemoConfig.paper_scale() if args.paper_scale else DemoConfig()
+    config = replace(config, **given_overrides(args, args.demo_flags))
     if len(args.seeds) == 1:
-        from dataclasses import replace
-
         summary = run_demo(args.out, replace(config, seed=args.seeds[0]), device=args.device, world=world)
         echo(f"demo finished in {summary['seconds']:.0f} s (synthetic world, T = {world.concepts.target}, "
              f"C = {world.concepts.care}; see the report's notes)")

@@ -248,31 +248,44 @@ def generate_target_images(sd: Any, state: DemoState) -> tuple[list[Path], list[
 
 def build_demo_careset(clip: Any, images: Sequence[Path], vocabulary: Sequence[str], state: DemoState) -> Any:
     """The CARE-set over the world vocabulary; also records what the full 32,849-word vocabulary finds."""
-    from recare.careset.build import build_careset
     from recare.careset.config import CareSetConfig
     from recare.careset.report import format_report
     from recare.pipeline import careset_stage
 
     config, target, care = state.config, state.world.concepts.target, state.world.concepts.care
-    cache = state.out_dir / "cache"
     careset_config = CareSetConfig(top_k=config.careset_top_k, top_n=config.careset_top_n,
                                    vocab_words=list(vocabulary))
     careset = careset_stage(lambda: clip, images, target, careset_config, state.out_dir / "careset.json",
-                            cache_dir=cache, reuse=False, progress=state.progress)
+                            cache_dir=state.out_dir / "cache", reuse=False, progress=state.progress)
     write_text_atomic(state.out_dir / "careset.txt", format_report(careset) + "\n")
-    full = build_careset(clip, images, target, CareSetConfig(), cache_dir=cache, progress=state.progress)
-    full.save(state.out_dir / "careset_full_vocabulary.json")
-    write_text_atomic(state.out_dir / "careset_full_vocabulary.txt", format_report(full) + "\n")
-    full_candidates = [c.word for c in full.diagnostics.candidates]
     state.facts["careset"] = {
         "world_vocabulary": {"words": careset.words, "care_concept_kept": care in careset.words,
                              "candidates": [c.word for c in careset.diagnostics.candidates]},
-        "full_vocabulary": {"n_words": len(full.words), "care_concept_kept": care in full.words,
-                            "care_concept_among_candidates": care in full_candidates,
-                            "first_words": full.words[:12]},
-    }
+        "full_vocabulary": _full_vocabulary_careset(clip, images, state)}
     logger.info("CARE-set (world vocabulary): %s", ", ".join(careset.words))
     return careset
+
+
+def _full_vocabulary_careset(clip: Any, images: Sequence[Path], state: DemoState) -> dict[str, Any]:
+    """The CARE-set with the paper's settings over CLIP's full vocabulary: a diagnostic (the world CLIP
+    never saw most of those words). An untrained world (a --fast build) may rank too few distinct
+    words for it; the error is then recorded in place of the result, and the demo goes on."""
+    from recare.careset.build import build_careset
+    from recare.careset.config import CareSetConfig
+    from recare.careset.report import format_report
+
+    target, care = state.world.concepts.target, state.world.concepts.care
+    try:
+        full = build_careset(clip, images, target, CareSetConfig(), cache_dir=state.out_dir / "cache",
+                             progress=state.progress)
+    except RecareError as err:
+        logger.warning("CARE-set over the full vocabulary not built: %s", err)
+        return {"error": str(err)}
+    full.save(state.out_dir / "careset_full_vocabulary.json")
+    write_text_atomic(state.out_dir / "careset_full_vocabulary.txt", format_report(full) + "\n")
+    full_candidates = [c.word for c in full.diagnostics.candidates]
+    return {"n_words": len(full.words), "care_concept_kept": care in full.words,
+            "care_concept_among_candidates": care in full_candidates, "first_words": full.words[:12]}
 
 
 def train_config(method: str, config: DemoConfig, concepts: WorldConcepts = DEFAULT_CONCEPTS) -> Any:

@@ -84,12 +84,17 @@ def ground_truth_section(rows: list[dict[str, Any]], facts: dict[str, Any], conc
             f"{_fmt_r(corr)} (n = {corr.get('n', 0)} models)."]
     careset = facts.get("careset", {})
     if careset:
-        text.append(f"CARE-set (world vocabulary): {', '.join(careset['world_vocabulary']['words'])}. With the full "
-                    f"32,849-word vocabulary, '{care}' "
-                    f"{'is' if careset['full_vocabulary']['care_concept_kept'] else 'is NOT'} kept "
-                    f"(the world CLIP never saw the other words; their embeddings are untrained noise).")
+        text.append(f"CARE-set (world vocabulary): {', '.join(careset['world_vocabulary']['words'])}. "
+                    + _full_vocabulary_text(careset["full_vocabulary"], care))
     return {"title": "Ground truth (synthetic world)", "text": text, "table": {"header": header, "rows": table},
             "images": [{"name": f"training losses: {m}", "path": p} for m, p in facts.get("loss_plots", {}).items()]}
+
+
+def _full_vocabulary_text(full: dict[str, Any], care: str) -> str:
+    if "error" in full:
+        return f"With the full 32,849-word vocabulary no CARE-set was built: {full['error']}."
+    return (f"With the full 32,849-word vocabulary, '{care}' {'is' if full['care_concept_kept'] else 'is NOT'} kept "
+            "(the world CLIP never saw the other words; their embeddings are untrained noise).")
 
 
 def _accuracy(facts: dict[str, Any]) -> str:
