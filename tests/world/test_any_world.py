@@ -90,6 +90,8 @@ def test_cli_refuses_bad_pairs_and_folders_before_any_work(tmp_path, capsys):
     assert main(["demo", "--world", str(tmp_path), "--quick", "--out", str(tmp_path / "demo")]) == 2
     assert "is not a world folder" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+    assert main(["demo", "--quick", "--methods", "esd", "uce", "--out", str(tmp_path / "demo")]) == 2
+    assert "non-empty subset" in capsys.readouterr().err and not (tmp_path / "demo").exists()
 
 
 # ----------------------------------------------------------------------------- end to end
