@@ -117,17 +117,19 @@ def test_sdxl_outputs_load_into_stock_diffusers_and_generate(trained, tiny_sdxl_
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
-def test_sdxl_resume_is_bit_identical(inputs, tiny_sdxl_dir, trained, tmp_path):
-    out = tmp_path / "recare"
-    assert main(_train_args(inputs, tiny_sdxl_dir, "recare", out, "--max-steps-this-run", "3")) == 0
+@pytest.mark.parametrize("method, budget", [("esd", 1), ("stereo", 3), ("recare", 3)])
+def test_sdxl_resume_is_bit_identical(inputs, tiny_sdxl_dir, trained, tmp_path, method, budget):
+    out = tmp_path / method
+    assert main(_train_args(inputs, tiny_sdxl_dir, method, out, "--max-steps-this-run", str(budget))) == 0
     assert json.loads((out / "run.json").read_text())["status"] == "stopped"
-    assert main(_train_args(inputs, tiny_sdxl_dir, "recare", out, "--resume")) == 0
-    a, b = load_file(trained["recare"] / "unet.safetensors"), load_file(out / "unet.safetensors")
+    assert main(_train_args(inputs, tiny_sdxl_dir, method, out, "--resume")) == 0
+    a, b = load_file(trained[method] / "unet.safetensors"), load_file(out / "unet.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for k in (1, 2):
+    for k in (1, 2) if method != "esd" else ():
         name = f"learned_embeds-{k}.safetensors"
-        x, y = load_file(trained["recare"] / name), load_file(out / name)
+        x, y = load_file(trained[method] / name), load_file(out / name)
         assert all(torch.equal(x[key], y[key]) for key in ("clip_l", "clip_g"))
+    assert (out / "losses.csv").read_text() == (trained[method] / "losses.csv").read_text()
 
 
 def test_sdxl_shared_stage1(inputs, tiny_sdxl_dir, trained, tmp_path):
