@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from recare.careset.artifact import CareSet
 from recare.io import write_json_atomic
@@ -119,6 +120,38 @@ def build_meta(model: str) -> SDComponents:
     raise ValueError(f"unknown model {model!r}; choose one of {MODELS}")
 
 
+def grad_path_weights(unet, cond_requires_grad: bool = False) -> int:
+    """Weights of the UNet's Linear/Conv2d layers whose input needs a gradient in a backward pass, by one forward
+    on the meta device (the trainable parameters as they are flagged; `cond_requires_grad`: the text conditioning
+    needs one too, as in a textual inversion).
+
+    Under bf16 autocast each of these layers saves its weight's bf16 CAST for the backward: new memory, held from
+    the forward to the backward (with fp32 weights and no autocast the saved weight is the parameter itself).
+    """
+    from recare.models.conditioning import is_sdxl_unet, pooled_width
+
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if inputs[0].requires_grad:
+            total += module.weight.numel()
+
+    hooks = [m.register_forward_hook(count) for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.device("meta"), torch.enable_grad():
+            config = unet.config
+            sample = torch.zeros(1, config.in_channels, 8, 8)
+            cond = torch.zeros(1, 77, config.cross_attention_dim, requires_grad=cond_requires_grad)
+            extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, pooled_width(unet)),
+                                           "time_ids": torch.zeros(1, 6)}} if is_sdxl_unet(unet) else {}
+            unet(sample, torch.tensor([500.0]), encoder_hidden_states=cond, **extra)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
 def memory_plan(train_method: str = "noxattn", model: str = "sd14", lora_rank: int = 0,
                 precision: str = "bf16") -> dict[str, float]:
     """GiB of the tensors a full-size training run keeps, counted on the meta device (activations come on top).
@@ -132,8 +165,15 @@ def memory_plan(train_method: str = "noxattn", model: str = "sd14", lora_rank: i
     an fp32 master copy in HOST memory (Trainer.original_master, what stage 2 restarts from); 'no' (fp32):
     the device's fp32 teacher copy is that master copy. The textual inversion trains one embedding row
     per encoder (bytes). The benchmark's measured peak includes the activations.
+
+    Not persistent but weight-sized, under bf16 autocast only: the bf16 casts of the weights that the student
+    step's backward needs (grad_path_weights; with the trainable set flagged), held from its forward to its
+    backward ("autocast_weight_casts_bf16"; "step_total" adds them), and those of an inversion step, whose
+    gradient runs through the whole UNet's conditioning path and every Linear of the text encoder(s)
+    ("inversion_autocast_weight_casts_bf16"). Found on a 23 GiB CPU, where bf16 steps of full-size SDXL needed
+    more memory than fp32 ones (benchmarks/README.md).
     """
-    from recare.models.params import add_lora, select_parameters
+    from recare.models.params import add_lora, set_trainable
 
     if precision not in ("bf16", "no"):
         raise ValueError(f"unknown precision {precision!r}; choose 'bf16' or 'no'")
@@ -141,11 +181,16 @@ def memory_plan(train_method: str = "noxattn", model: str = "sd14", lora_rank: i
     unet = components.unet
     count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
     unet_parameters = count([unet])  # the stock UNet, before any adapter
+    bf16 = precision == "bf16"
+    inversion_casts = (grad_path_weights(unet, cond_requires_grad=True) + sum(
+        m.weight.numel() for encoder in components.text_encoders for m in encoder.modules()
+        if isinstance(m, nn.Linear))) if bf16 else 0
     if lora_rank:
         names = set(add_lora(unet, lora_rank, float(lora_rank), target=train_method))
         params = {name: p for name, p in unet.named_parameters() if name in names}
     else:
-        params = dict(select_parameters(unet, train_method))
+        params = dict(set_trainable(unet, train_method))
+    step_casts = grad_path_weights(unet) if bf16 else 0
     trainable = sum(p.numel() for p in params.values())
     gib = 2.0 ** 30
     teacher_bytes = 2 if precision == "bf16" else 4
@@ -156,7 +201,10 @@ def memory_plan(train_method: str = "noxattn", model: str = "sd14", lora_rank: i
             "vae_fp32": 4 * count([components.vae]) / gib}
     plan["total"] = sum(plan.values())
     plan["text_encoder_and_vae_fp32"] = plan["text_encoders_fp32"] + plan["vae_fp32"]  # the earlier key
-    plan["host_original_master_fp32"] = 4 * trainable / gib if precision == "bf16" else 0.0
+    plan["host_original_master_fp32"] = 4 * trainable / gib if bf16 else 0.0
+    plan["autocast_weight_casts_bf16"] = 2 * step_casts / gib
+    plan["step_total"] = plan["total"] + plan["autocast_weight_casts_bf16"]
+    plan["inversion_autocast_weight_casts_bf16"] = 2 * inversion_casts / gib
     plan["unet_parameters_M"] = unet_parameters / 1e6
     plan["trainable_parameters_M"] = trainable / 1e6
     return plan
@@ -373,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  device-memory plan of a full-size noxattn run (bf16 autocast, before activations): "
           f"{plan['total']:.2f} GiB = UNet {plan['unet_fp32']:.2f} + grads {plan['gradients_fp32']:.2f} + AdamW "
           f"{plan['adamw_states_fp32']:.2f} + teacher copy {plan['teacher_copy_bf16']:.2f} + text encoder/VAE "
-          f"{plan['text_encoder_and_vae_fp32']:.2f} ({plan['trainable_parameters_M']:.1f}M trainable)")
+          f"{plan['text_encoder_and_vae_fp32']:.2f} ({plan['trainable_parameters_M']:.1f}M trainable); a step also "
+          f"holds {plan['autocast_weight_casts_bf16']:.2f} GiB of bf16 weight casts for its backward "
+          f"({plan['step_total']:.2f} GiB)")
     report["memory_plan_full_size_gib"] = plan
     report["ratios"] = ratio = ratios(report)
     print(f"  compile {report['compile']['resolved']}: {ratio['speedup_vs_reference']:.2f}x the reference code's "

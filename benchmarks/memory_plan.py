@@ -1,8 +1,9 @@
 """Memory plan of full-size erasure training (SD v1.4, SDXL base), counted on the meta device: nothing is allocated.
 
 Per model and trainable set (train_method, or a LoRA adapter on it), the GiB of the tensors that
-recare.train.trainer.Trainer keeps (bench_train.memory_plan says which), before activations, and whether they fit
-an 80 GiB H100, a 141 GiB H200 and a 24 GiB card. Seconds on a CPU.
+recare.train.trainer.Trainer keeps (bench_train.memory_plan says which), plus, under bf16 autocast, the bf16 weight
+casts a training step holds for its backward (bench_train.grad_path_weights), before activations, and whether they
+fit an 80 GiB H100, a 141 GiB H200 and a 24 GiB card. Seconds on a CPU.
 
     python benchmarks/memory_plan.py                               # SD v1.4 and SDXL, bf16 autocast
     python benchmarks/memory_plan.py --model sdxl --precision no   # fp32 (no autocast): fp32 teacher copy
@@ -21,7 +22,8 @@ CARDS = {"H100 80 GiB": 80.0, "H200 141 GiB": 141.0, "24 GiB": 24.0}
 SETUPS = (("noxattn", 0), ("xattn", 0), ("xattn-strict", 0), ("noxattn", 4), ("xattn", 4))
 COLUMNS = (("unet_fp32", "UNet fp32"), ("gradients_fp32", "grads"), ("adamw_states_fp32", "AdamW"),
            ("teacher", "teacher"), ("text_encoders_fp32", "text enc."), ("vae_fp32", "VAE"),
-           ("total", "device total"), ("host_original_master_fp32", "host master"))
+           ("total", "kept on device"), ("autocast_weight_casts_bf16", "bf16 casts"), ("step_total", "step total"),
+           ("host_original_master_fp32", "host master"))
 
 
 def setup_name(train_method: str, lora_rank: int) -> str:
@@ -36,7 +38,7 @@ def plans(models: list[str], precision: str) -> list[dict]:
             plan["teacher"] = plan.get("teacher_copy_bf16", plan.get("teacher_copy_fp32"))
             rows.append({"model": model, "setup": setup_name(train_method, rank), "train_method": train_method,
                          "lora_rank": rank, "precision": precision, "plan_gib": plan,
-                         "fits_before_activations": {card: plan["total"] < gib for card, gib in CARDS.items()}})
+                         "fits_before_activations": {card: plan["step_total"] < gib for card, gib in CARDS.items()}})
     return rows
 
 
@@ -45,7 +47,7 @@ def format_markdown(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         plan = row["plan_gib"]
-        fits = [f"yes ({gib - plan['total']:.0f} left)" if ok else "no"
+        fits = [f"yes ({gib - plan['step_total']:.0f} left)" if ok else "no"
                 for (card, ok), gib in zip(row["fits_before_activations"].items(), CARDS.values())]
         cells = [row["model"], row["setup"], f"{plan['trainable_parameters_M']:.1f}",
                  *(f"{plan[key]:.2f}" for key, _ in COLUMNS), *fits]
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory plan, GiB before activations, {mode}; UNet parameters: "
           + ", ".join(f"{m} {n:.1f}M" for m, n in unet_m.items()))
     print("\n".join(format_markdown(rows)))
+    if args.precision == "bf16":
+        print("bf16 casts held by an inversion step (UNet conditioning path + text encoders): "
+              + ", ".join(f"{m} {r['plan_gib']['inversion_autocast_weight_casts_bf16']:.2f} GiB"
+                          for m, r in {row["model"]: row for row in rows}.items()))
     if args.json:
         write_json_atomic(args.json, {"precision": args.precision, "cards_gib": CARDS, "rows": rows})
     return 0
