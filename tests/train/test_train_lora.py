@@ -95,7 +95,7 @@ def test_teacher_copy_of_the_initial_adapter_is_the_base_unet(tiny_sd):
         for p in trainable.values():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     ddim = make_ddim_scheduler(tiny_sd.scheduler, 4)
-    emb = PromptEmbeddings(tiny_sd.tokenizer, tiny_sd.text_encoder, torch.device("cpu"))(["", "nudity"])
+    emb = PromptEmbeddings(tiny_sd.conditioner())(["", "nudity"])
     z, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
     teacher = teacher_epsilon(unet, fp32, ddim, z, t, emb)
     assert torch.equal(teacher, teacher_epsilon(base, {}, ddim, z, t, emb))  # B = 0: the original model
