@@ -13,46 +13,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from recare.careset.artifact import CareSet
 from recare.cli import main
+from tiny_training import train_args, write_train_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY_TRAIN = """
-[train]
-erase_iterations = 2
-rounds = 2
-stage2_iterations = 2
-ddim_steps = 4
-stop_range = [1, 3]
-checkpoint_every = 1
-
-[train.inversion]
-steps = 2
-resolution = 32
-
-[train.esd]
-train_method = "xattn"
-"""
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sdxl-cli")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:05d}.png")
-    CareSet.from_words("nudity", ["person", "woman", "man"], concept_type="nudity").save(root / "careset.json")
-    (root / "tiny.toml").write_text(TINY_TRAIN)
-    return root
-
-
-def _train_args(inputs, model_dir, method, out, *extra):
-    return ["train", "--method", method, "--model", str(model_dir), "--concept", "nudity",
-            "--careset", str(inputs / "careset.json"), "--images", str(inputs / "images"), "--out", str(out),
-            "--config", str(inputs / "tiny.toml"), "--device", "cpu", *extra]
+    return write_train_inputs(tmp_path_factory.mktemp("sdxl-cli"))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +29,7 @@ def trained(inputs, tiny_sdxl_dir):
     outs = {}
     for method in ("esd", "stereo", "recare"):
         outs[method] = inputs / f"out-{method}"
-        assert main(_train_args(inputs, tiny_sdxl_dir, method, outs[method])) == 0
+        assert main(train_args(inputs, tiny_sdxl_dir, method, outs[method])) == 0
     return outs
 
 
@@ -120,9 +89,9 @@ def test_sdxl_outputs_load_into_stock_diffusers_and_generate(trained, tiny_sdxl_
 @pytest.mark.parametrize("method, budget", [("esd", 1), ("stereo", 3), ("recare", 3)])
 def test_sdxl_resume_is_bit_identical(inputs, tiny_sdxl_dir, trained, tmp_path, method, budget):
     out = tmp_path / method
-    assert main(_train_args(inputs, tiny_sdxl_dir, method, out, "--max-steps-this-run", str(budget))) == 0
+    assert main(train_args(inputs, tiny_sdxl_dir, method, out, "--max-steps-this-run", str(budget))) == 0
     assert json.loads((out / "run.json").read_text())["status"] == "stopped"
-    assert main(_train_args(inputs, tiny_sdxl_dir, method, out, "--resume")) == 0
+    assert main(train_args(inputs, tiny_sdxl_dir, method, out, "--resume")) == 0
     a, b = load_file(trained[method] / "unet.safetensors"), load_file(out / "unet.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for k in (1, 2) if method != "esd" else ():
@@ -134,7 +103,7 @@ def test_sdxl_resume_is_bit_identical(inputs, tiny_sdxl_dir, trained, tmp_path, 
 
 def test_sdxl_shared_stage1(inputs, tiny_sdxl_dir, trained, tmp_path):
     out = tmp_path / "recare"
-    assert main(_train_args(inputs, tiny_sdxl_dir, "recare", out, "--stage1-from", str(trained["stereo"]))) == 0
+    assert main(train_args(inputs, tiny_sdxl_dir, "recare", out, "--stage1-from", str(trained["stereo"]))) == 0
     a, b = load_file(trained["recare"] / "unet.safetensors"), load_file(out / "unet.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -143,7 +112,7 @@ def test_sdxl_lora_loads_with_load_lora_weights(inputs, tiny_sdxl_dir, tmp_path)
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "lora"
-    assert main(_train_args(inputs, tiny_sdxl_dir, "esd", out, "--lora-rank", "2")) == 0
+    assert main(train_args(inputs, tiny_sdxl_dir, "esd", out, "--lora-rank", "2")) == 0
     merged = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
     merged.load_state_dict(load_file(out / "unet.safetensors"), strict=True)
     pipe = _stock_pipeline(tiny_sdxl_dir)

@@ -6,49 +6,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from recare.careset.artifact import CareSet
 from recare.cli import main
-
-TINY_TRAIN = """
-[train]
-erase_iterations = 2
-rounds = 2
-stage2_iterations = 2
-ddim_steps = 4
-stop_range = [1, 3]
-checkpoint_every = 1
-
-[train.inversion]
-steps = 2
-resolution = 32
-
-[train.esd]
-train_method = "xattn"
-"""
-
+from tiny_training import TINY_TRAIN, train_args, write_train_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-cli")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:05d}.png")
-    CareSet.from_words("nudity", ["person", "woman", "man"], concept_type="nudity").save(root / "careset.json")
-    (root / "tiny.toml").write_text(TINY_TRAIN)
-    return root
-
-
-def _train_args(inputs, tiny_sd_dir, method, out, *extra):
-    return ["train", "--method", method, "--model", str(tiny_sd_dir), "--concept", "nudity",
-            "--careset", str(inputs / "careset.json"), "--images", str(inputs / "images"), "--out", str(out),
-            "--config", str(inputs / "tiny.toml"), "--device", "cpu", *extra]
+    return write_train_inputs(tmp_path_factory.mktemp("train-cli"))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +24,7 @@ def trained(inputs, tiny_sd_dir):
     outs = {}
     for method in ("esd", "stereo", "recare"):
         outs[method] = inputs / f"out-{method}"
-        assert main(_train_args(inputs, tiny_sd_dir, method, outs[method])) == 0
+        assert main(train_args(inputs, tiny_sd_dir, method, outs[method])) == 0
     return outs
 
 
@@ -96,10 +64,10 @@ def test_outputs_load_into_stock_diffusers(trained, tiny_sd_dir):
 
 def test_resume_through_the_cli(inputs, tiny_sd_dir, trained, tmp_path, capsys):
     out = tmp_path / "recare"
-    assert main(_train_args(inputs, tiny_sd_dir, "recare", out, "--max-steps-this-run", "3")) == 0
+    assert main(train_args(inputs, tiny_sd_dir, "recare", out, "--max-steps-this-run", "3")) == 0
     assert "--resume" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["status"] == "stopped"
-    assert main(_train_args(inputs, tiny_sd_dir, "recare", out, "--resume")) == 0
+    assert main(train_args(inputs, tiny_sd_dir, "recare", out, "--resume")) == 0
     from safetensors.torch import load_file
 
     a, b = load_file(trained["recare"] / "unet.safetensors"), load_file(out / "unet.safetensors")
@@ -110,7 +78,7 @@ def test_stage1_from_through_the_cli(inputs, tiny_sd_dir, trained, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "recare"
-    assert main(_train_args(inputs, tiny_sd_dir, "recare", out, "--stage1-from", str(trained["stereo"]))) == 0
+    assert main(train_args(inputs, tiny_sd_dir, "recare", out, "--stage1-from", str(trained["stereo"]))) == 0
     assert json.loads((out / "run.json").read_text())["info"]["stage1_from"] == str(trained["stereo"].resolve())
     a, b = load_file(trained["recare"] / "unet.safetensors"), load_file(out / "unet.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -118,7 +86,7 @@ def test_stage1_from_through_the_cli(inputs, tiny_sd_dir, trained, tmp_path):
 
 def test_bad_input_errors(inputs, tiny_sd_dir, trained, tmp_path, capsys, cli_error):
     out = tmp_path / "out"
-    args = _train_args(inputs, tiny_sd_dir, "recare", out)
+    args = train_args(inputs, tiny_sd_dir, "recare", out)
     other = tmp_path / "vangogh.json"
     CareSet.from_words("Van Gogh", ["sky"], concept_type="style").save(other)
     assert "is for reference word 'Van Gogh'" in cli_error([a if a != str(inputs / "careset.json") else str(other)
@@ -144,8 +112,8 @@ def test_bad_input_errors(inputs, tiny_sd_dir, trained, tmp_path, capsys, cli_er
     # an output folder holding another run stays untouched
     folder = trained["esd"]
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert "another config" in cli_error(_train_args(inputs, tiny_sd_dir, "stereo", folder))
-    assert "--resume" in cli_error(_train_args(inputs, tiny_sd_dir, "esd", folder))
+    assert "another config" in cli_error(train_args(inputs, tiny_sd_dir, "stereo", folder))
+    assert "--resume" in cli_error(train_args(inputs, tiny_sd_dir, "esd", folder))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert "no concept" in cli_error([a for a in args if a not in ("--concept", "nudity")])
 
@@ -195,7 +163,7 @@ def test_bf16_paths_run_through_the_cli_on_the_cpu(inputs, tiny_sd_dir, tmp_path
     """The precision a GPU uses, as an explicit choice on the CPU: bf16 autocast training (every
     phase of ReCARE) and bf16 weights for generation."""
     out = tmp_path / "bf16"
-    assert main(_train_args(inputs, tiny_sd_dir, "recare", out, "--mixed-precision", "bf16",
+    assert main(train_args(inputs, tiny_sd_dir, "recare", out, "--mixed-precision", "bf16",
                             "--inversion-mixed-precision", "bf16")) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "complete" and run["identity"]["config"]["mixed_precision"] == "bf16"
