@@ -51,7 +51,8 @@ def _add_train(sub) -> None:
     p.add_argument("--images", type=Path, default=None, help="target images for textual inversion (ReCARE, STEREO)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--config", type=Path, default=None,
-                   help="TOML config, or a shipped one by name: nudity, vangogh, tench (recare/configs/)")
+                   help="TOML config, or a shipped one by name: nudity, vangogh, tench, sdxl-nudity, "
+                        "sdxl-vangogh (recare/configs/)")
     p.add_argument("--stage1-from", type=Path, default=None,
                    help="folder of a ReCARE/STEREO run with the same stage-1 settings: reuse its stage 1 "
                         "(learned tokens, generator state) and start at stage 2; same result, less time")
@@ -137,8 +138,9 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_run(sub) -> None:
     p = sub.add_parser("run", formatter_class=Formatter,
                        help="target images -> CARE-set -> training, from one TOML file (recare/configs/*.toml)")
-    p.add_argument("config", type=Path, help="TOML config ([concept], [model], [generate], [careset], [train]), "
-                                              "or a shipped one by name: nudity, vangogh, tench")
+    p.add_argument("config", type=Path,
+                   help="TOML config ([concept], [model], [generate], [careset], [train]), or a shipped one by name: "
+                        "nudity, vangogh, tench, sdxl-nudity, sdxl-vangogh")
     p.add_argument("--out", type=Path, default=None,
                    help="run folder (images/, careset.json, <method>/); default: [run] out of the config")
     from recare.config import add_config_arguments
