@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from recare.errors import RecareError
-from recare.models.embeddings import add_placeholder_token, input_embedding_override
+from recare.models.embeddings import add_placeholder_token, prefix_override, token_row_override
 
 FAMILIES = ("sd", "sdxl")
 N_TIME_IDS = 6
@@ -160,11 +160,13 @@ class PromptConditioner:
         return torch.cat([e.get_input_embeddings().weight[token_id] for e in self.text_encoders])
 
     def split_row(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """Split (..., sum(row_widths)) into one part per encoder."""
+        """Each encoder's part of rows (..., sum(row_widths)), as slices of `rows` (views: gradients flow
+        back, and an in-place update of `rows` between forwards is seen)."""
         if rows.shape[-1] != sum(self.row_widths):
             raise RecareError(f"embedding rows have {rows.shape[-1]} values; this model needs {sum(self.row_widths)} "
                               f"({' + '.join(map(str, self.row_widths))})")
-        return list(rows.split(self.row_widths, dim=-1))
+        offsets = [sum(self.row_widths[:i]) for i in range(len(self.row_widths))]
+        return [rows.narrow(-1, offset, width) for offset, width in zip(offsets, self.row_widths)]
 
     def set_token_row(self, token_id: int, row: torch.Tensor) -> None:
         """Write a concatenated row into every encoder's table."""
@@ -187,40 +189,20 @@ class PromptConditioner:
             raise RecareError(f"placeholder {placeholder!r} got different ids in the tokenizers: {ids}")
         return ids[0]
 
-    def _row_parts(self, rows: torch.Tensor) -> list[tuple[int, int]]:
-        """(offset, width) of each encoder's part of rows (..., sum(row_widths)); checked."""
-        self.split_row(rows.detach())
-        offsets = [sum(self.row_widths[:i]) for i in range(len(self.row_widths))]
-        return list(zip(offsets, self.row_widths))
-
     @contextlib.contextmanager
     def row_override(self, token_id: int, row: torch.Tensor) -> Iterator[None]:
         """While active, the token's input embedding in every encoder is its part of `row` (gradients flow;
-        the part is sliced at every forward, so `row` may be updated in place in between)."""
-        def substitute_with(offset: int, width: int):
-            def substitute(input_ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-                part = row[offset:offset + width].to(output.dtype)
-                return torch.where((input_ids == token_id).unsqueeze(-1), part, output)
-            return substitute
-
+        recare.models.embeddings.token_row_override per encoder)."""
         with contextlib.ExitStack() as stack:
-            for encoder, (offset, width) in zip(self.text_encoders, self._row_parts(row)):
-                stack.enter_context(input_embedding_override(encoder, substitute_with(offset, width)))
+            for encoder, part in zip(self.text_encoders, self.split_row(row)):
+                stack.enter_context(token_row_override(encoder, token_id, part))
             yield
 
     @contextlib.contextmanager
     def prefix_override(self, rows: torch.Tensor, start: int = 1) -> Iterator[None]:
         """While active, positions start..start+k-1 of every sequence take `rows` (k, sum(row_widths))
-        (sliced at every forward, as row_override)."""
-        k = rows.shape[0]
-
-        def substitute_with(offset: int, width: int):
-            def substitute(input_ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-                prefix = rows[:, offset:offset + width].to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
-                return torch.cat([output[:, :start], prefix, output[:, start + k:]], dim=1)
-            return substitute
-
+        (recare.models.embeddings.prefix_override per encoder)."""
         with contextlib.ExitStack() as stack:
-            for encoder, (offset, width) in zip(self.text_encoders, self._row_parts(rows)):
-                stack.enter_context(input_embedding_override(encoder, substitute_with(offset, width)))
+            for encoder, part in zip(self.text_encoders, self.split_row(rows)):
+                stack.enter_context(prefix_override(encoder, part, start))
             yield

@@ -372,7 +372,7 @@ def _check_call(components: SDComponents, images: Sequence[Any], config: Inversi
     unet = components.unet if unet is None else unet
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     _check_device(device, unet=unet, vae=components.vae,
-                  **{f"text_encoder{'_' + str(i + 1) if i else ''}": e for i, e in enumerate(components.text_encoders)})
+                  **dict(zip(("text_encoder", "text_encoder_2"), components.text_encoders)))
     resolution = config.resolution or components.image_size
     if resolution % components.vae_scale_factor:
         raise RecareError(f"resolution {resolution} is not a multiple of the VAE factor {components.vae_scale_factor}")
